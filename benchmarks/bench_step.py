@@ -1,0 +1,99 @@
+"""Overhead of a training step over its ideal cost, measured in one process.
+
+    python benchmarks/bench_step.py                          # bundled tiny teacher, CPU
+    python benchmarks/bench_step.py --teacher DIR --resolution 512 --batch_size 4 --device cuda
+
+"step" is the trainer's own step: VAE and text encoding, `lcd_loss` (student forward+backward at B,
+teacher forward at 2B, target forward at B), clipping and the optimizer. "ideal" is the three UNet
+calls alone on the same tensors. The ratio step / ideal is what the trainer adds around the UNet.
+Timings alternate step, ideal, step, ideal... and the medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lcm_lora.config import TrainConfig
+from lcm_lora.distill import lcd_loss
+from lcm_lora.models import load_teacher
+from lcm_lora.schedule import ddim_timesteps
+from lcm_lora.trainer import WEIGHT_DTYPES, encode_batch, make_accelerator, prepare_models, unet_fns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="teacher-eps")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument("--mixed_precision", default="no")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    config = TrainConfig.from_flat_dict({
+        "pretrained_teacher_model": args.teacher, "lora_rank": args.lora_rank, "lora_alpha": args.lora_rank,
+        "mixed_precision": args.mixed_precision, "report_to": "none", "output_dir": "/tmp/lcm-lora-bench"})
+    accelerator = make_accelerator(config)
+    teacher = load_teacher(config.model)
+    unet = prepare_models(config, teacher, accelerator)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    device, dtype = accelerator.device, WEIGHT_DTYPES[args.mixed_precision]
+    student, teacher_fn, target = unet_fns(unet, accelerator.unwrap_model(unet), dtype)
+    alphas_cumprod = teacher.noise_scheduler.alphas_cumprod.to(device)
+    tau = ddim_timesteps(1000, 50).to(device)
+
+    b, r = args.batch_size, args.resolution
+    batch = {"pixel_values": torch.rand(b, 3, r, r) * 2 - 1,
+             "input_ids": teacher.tokenizer(["a red circle"] * b, padding="max_length", return_tensors="pt").input_ids}
+    x0, c = encode_batch(teacher, batch, device, dtype)
+    t = torch.full((b,), 499, device=device)
+
+    def step() -> None:
+        with accelerator.autocast():
+            x0, c = encode_batch(teacher, batch, device, dtype)
+            loss = lcd_loss(student, teacher_fn, target, x0, c, c, alphas_cumprod, tau, config.distill,
+                            teacher.prediction_type).mean()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def ideal() -> None:
+        with accelerator.autocast():
+            student(x0, t, c).float().mean().backward()
+            with torch.no_grad():
+                teacher_fn(torch.cat([x0, x0]), torch.cat([t, t]), torch.cat([c, c]))
+                target(x0, t, c)
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for fn in (step, ideal, step, ideal):  # warm-up
+        fn()
+    steps, ideals = [], []
+    for _ in range(args.repeats):
+        steps.append(timed(step))
+        ideals.append(timed(ideal))
+    ms, mi = statistics.median(steps), statistics.median(ideals)
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {b}, resolution {r}, "
+          f"precision {args.mixed_precision}, {args.repeats} pairs")
+    print(f"step  median {ms * 1000:.1f} ms (min {min(steps) * 1000:.1f}, max {max(steps) * 1000:.1f})")
+    print(f"ideal median {mi * 1000:.1f} ms (min {min(ideals) * 1000:.1f}, max {max(ideals) * 1000:.1f})")
+    print(f"ratio step/ideal {ms / mi:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Typed training configuration: the one source of CLI flags, YAML presets and `--dry-run`.
+
+Sections group the fields for reading; flags and YAML keys are flat and carry the same names as
+diffusers' LCM scripts (`--lora_rank`, `--w_min`, ...), so users' commands carry over unchanged.
+Precedence: dataclass defaults < `--config` YAML < command-line flags. Imports the stdlib and yaml only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOSS_TYPES = ("l2", "huber")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# LCM-LoRA's targets (diffusers' LCM-LoRA scripts); never conv_in, conv_out or time_embedding.
+DEFAULT_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the flag and says what to do."""
+
+
+@dataclass
+class ModelArgs:
+    pretrained_teacher_model: str = field(default="", metadata=_help(
+        "Teacher: a hub id, a local diffusers folder, or a bundled tiny teacher (teacher-eps, teacher-vpred)."))
+    revision: str | None = field(default=None, metadata=_help("Hub revision of the teacher."))
+    variant: str | None = field(default=None, metadata=_help("Weight variant of the teacher, e.g. fp16."))
+    prediction_type: str | None = field(default=None, metadata=_help(
+        "Override the teacher's prediction type (epsilon, v_prediction, sample); default: its scheduler config."))
+
+
+@dataclass
+class DataArgs:
+    train_data_dir: str | None = field(default=None, metadata=_help(
+        "An imagefolder: images plus metadata.jsonl/csv with file_name and a caption column."))
+    dataset_name: str | None = field(default=None, metadata=_help("A Hugging Face dataset name or local path."))
+    dataset_config_name: str | None = field(default=None, metadata=_help("The dataset's configuration name."))
+    image_column: str = field(default="image", metadata=_help("Column holding the images."))
+    caption_column: str = field(default="text", metadata=_help("Column holding the captions."))
+    resolution: int = field(default=512, metadata=_help("Training resolution in pixels (square)."))
+    center_crop: bool = field(default=True, metadata=_help("Center crop after resizing; else random crop."))
+    random_flip: bool = field(default=False, metadata=_help("Randomly flip images horizontally."))
+    proportion_empty_prompts: float = field(default=0.0, metadata=_help("Share of captions replaced by ''."))
+    max_train_samples: int | None = field(default=None, metadata=_help("Use only this many samples."))
+    dataloader_num_workers: int = field(default=0, metadata=_help("Data-loading worker processes (0: main)."))
+
+
+@dataclass
+class LoraArgs:
+    lora_rank: int = field(default=64, metadata=_help("LoRA rank r."))
+    lora_alpha: float = field(default=64.0, metadata=_help("LoRA alpha; the update is scaled by alpha / r."))
+    lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA branch."))
+    lora_target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata=_help(
+        "UNet module name suffixes that get a LoRA."))
+
+
+@dataclass
+class DistillArgs:
+    w_min: float = field(default=5.0, metadata=_help(
+        "Smallest guidance w, LCM-paper convention: eps = eps_c + w (eps_c - eps_u), "
+        "which is diffusers' guidance_scale w + 1."))
+    w_max: float = field(default=15.0, metadata=_help("Largest guidance w (same convention as --w_min)."))
+    num_ddim_timesteps: int = field(default=50, metadata=_help(
+        "N, the DDIM solver's grid size; skipping step k = T / N. Use the same N at inference "
+        "(LCMScheduler's original_inference_steps)."))
+    timestep_scaling_factor: float = field(default=10.0, metadata=_help(
+        "s in the boundary scalings c_skip, c_out (LCMScheduler's timestep_scaling)."))
+    sigma_data: float = field(default=0.5, metadata=_help("sigma_data in the boundary scalings."))
+    loss_type: str = field(default="huber", metadata=_help("l2 or huber (pseudo-Huber)."))
+    huber_c: float = field(default=0.001, metadata=_help("c of the pseudo-Huber loss."))
+
+
+@dataclass
+class OptimArgs:
+    train_batch_size: int = field(default=16, metadata=_help("Batch size per device."))
+    learning_rate: float = field(default=1e-4, metadata=_help("AdamW learning rate."))
+    lr_scheduler: str = field(default="constant", metadata=_help("constant, constant_with_warmup, linear, cosine."))
+    lr_warmup_steps: int = field(default=500, metadata=_help("Linear warmup steps."))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2."))
+    adam_weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradient norm to this (0: no clipping)."))
+    max_train_steps: int = field(default=1000, metadata=_help("Optimizer steps to train."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
+
+
+@dataclass
+class RunArgs:
+    output_dir: str = field(default="lcm-lora-output", metadata=_help("Where checkpoints, logs and the LoRA go."))
+    seed: int | None = field(default=0, metadata=_help("Random seed; the same seed gives the same run."))
+    mixed_precision: str = field(default="no", metadata=_help(
+        "no, fp16 or bf16: the precision of the frozen weights and forward passes; LoRA weights stay fp32."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for UNet activation memory."))
+    enable_xformers_memory_efficient_attention: bool = field(default=False, metadata=_help(
+        "Use xformers attention (pip install 'lcm-lora[xformers]'); default is PyTorch SDPA."))
+    allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
+    checkpointing_steps: int = field(default=500, metadata=_help("Save the training state every N steps."))
+    checkpoints_total_limit: int | None = field(default=None, metadata=_help("Keep at most this many checkpoints."))
+    resume_from_checkpoint: str | None = field(default=None, metadata=_help("'latest' or a checkpoint folder."))
+    validation_steps: int = field(default=200, metadata=_help("Log validation images every N steps (0: never)."))
+    validation_prompts: tuple[str, ...] = field(default=(), metadata=_help("Prompts for validation images."))
+    validation_inference_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=_help(
+        "LCM step counts shown at each validation."))
+    report_to: str = field(default="tensorboard", metadata=_help("Accelerate tracker(s): tensorboard, wandb, all, none."))
+    logging_dir: str = field(default="logs", metadata=_help("Tracker log folder, inside output_dir."))
+
+
+SECTIONS = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "distill": DistillArgs,
+            "optim": OptimArgs, "run": RunArgs}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    distill: DistillArgs = field(default_factory=DistillArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """{flag name: value}, the form of YAML presets and of exported metadata."""
+        flat = {}
+        for section in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                flat[key] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+    @classmethod
+    def from_flat_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        owners = _field_owners()
+        unknown = [k for k in values if k not in owners]
+        if unknown:
+            hints = [f"'{k}'" + _suggest(k, owners) for k in unknown]
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}. See `lcm-lora train --help`.")
+        kwargs: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for key, value in values.items():
+            section, f = owners[key]
+            kwargs[section][key] = _coerce(value, f, source)
+        return cls(**{s: SECTIONS[s](**kw) for s, kw in kwargs.items()})
+
+    def validate(self) -> list[str]:
+        """Every problem found, each naming its flag; empty when the config is usable."""
+        c, problems = self, []
+        if not c.model.pretrained_teacher_model:
+            problems.append("--pretrained_teacher_model is required (a hub id, a folder, or teacher-eps).")
+        if c.model.prediction_type not in (None, *PREDICTION_TYPES):
+            problems.append(f"--prediction_type must be one of {PREDICTION_TYPES}, got {c.model.prediction_type!r}.")
+        if not (c.data.train_data_dir or c.data.dataset_name):
+            problems.append("give --train_data_dir (an imagefolder) or --dataset_name.")
+        if c.data.train_data_dir and c.data.dataset_name:
+            problems.append("give only one of --train_data_dir and --dataset_name.")
+        if not 0 <= c.data.proportion_empty_prompts <= 1:
+            problems.append("--proportion_empty_prompts must be within [0, 1].")
+        if c.distill.w_min > c.distill.w_max:
+            problems.append(f"--w_min ({c.distill.w_min}) must not exceed --w_max ({c.distill.w_max}).")
+        if c.distill.loss_type not in LOSS_TYPES:
+            problems.append(f"--loss_type must be one of {LOSS_TYPES}, got {c.distill.loss_type!r}.")
+        if c.run.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"--mixed_precision must be one of {MIXED_PRECISION}, got {c.run.mixed_precision!r}.")
+        if c.optim.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {c.optim.lr_scheduler!r}.")
+        for flag in ("lora_rank", "num_ddim_timesteps", "train_batch_size", "max_train_steps",
+                     "gradient_accumulation_steps", "resolution"):
+            if _get(c, flag) <= 0:
+                problems.append(f"--{flag} must be positive, got {_get(c, flag)}.")
+        return problems
+
+
+def _field_owners() -> dict[str, tuple[str, dataclasses.Field]]:
+    return {f.name: (section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def _get(config: TrainConfig, flag: str) -> Any:
+    section, _ = _field_owners()[flag]
+    return getattr(getattr(config, section), flag)
+
+
+def _suggest(key: str, owners: dict) -> str:
+    close = difflib.get_close_matches(key, owners, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _base_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(element type, is_sequence) of a field, from its annotation."""
+    hint = typing.get_type_hints(_owner_class(f))[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return args[0], True
+    if args:  # Optional[X] / X | None
+        return args[0], False
+    return hint, False
+
+
+def _owner_class(f: dataclasses.Field) -> type:
+    for cls in SECTIONS.values():
+        if f.name in {g.name for g in dataclasses.fields(cls)}:
+            return cls
+    raise KeyError(f.name)
+
+
+def _coerce(value: Any, f: dataclasses.Field, source: str) -> Any:
+    kind, is_seq = _base_type(f)
+    try:
+        if value is None:
+            return None
+        if is_seq:
+            items = [value] if isinstance(value, (str, int, float)) else list(value)
+            return tuple(kind(v) for v in items)
+        if kind is bool and not isinstance(value, bool):
+            raise TypeError("expected true or false")
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: '{f.name}' = {value!r} is not a valid {kind.__name__} ({err}).") from None
+
+
+def build_parser(prog: str = "lcm-lora train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Distill an LCM-LoRA from a Stable Diffusion teacher.",
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help="A YAML preset of flat flag: value pairs (see configs/).")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="Print the resolved configuration as YAML and exit.")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            kind, is_seq = _base_type(f)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            if kind is bool:
+                group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+            else:
+                group.add_argument(f"--{f.name}", type=kind, nargs="+" if is_seq else None, help=help_text)
+    return parser
+
+
+def parse_train_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    """(config, dry_run) from flags over an optional YAML preset over the defaults."""
+    args = vars(build_parser().parse_args(argv))
+    dry_run = args.pop("dry_run", False)
+    values: dict[str, Any] = {}
+    if "config" in args:
+        values.update(load_yaml(args.pop("config")))
+    values.update(args)
+    return TrainConfig.from_flat_dict(values, source="command line" if not values else "config"), dry_run
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"--config {path}: no such file. Presets live in configs/.")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of flag: value pairs, got {type(data).__name__}.")
+    TrainConfig.from_flat_dict(data, source=str(path))  # names the file on unknown keys or bad values
+    return data
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_flat_dict(), sort_keys=False)

@@ -1,0 +1,59 @@
+"""Few-step generation with an exported LCM-LoRA: diffusers' pipeline with LCMScheduler swapped in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, LCMScheduler
+from PIL import Image
+
+from .models import resolve_teacher
+
+
+def load_lcm_pipeline(pretrained_model: str, lora: str | Path | None, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32, original_inference_steps: int = 50,
+                      timestep_scaling: float = 10.0):
+    """The base pipeline with LCMScheduler and the LoRA loaded exactly as a user would load it.
+
+    `original_inference_steps` and `timestep_scaling` must equal the training run's
+    num_ddim_timesteps and timestep_scaling_factor (recorded in the LoRA's metadata).
+    """
+    pipe = DiffusionPipeline.from_pretrained(resolve_teacher(pretrained_model), safety_checker=None,
+                                             use_safetensors=True)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=original_inference_steps,
+                                              timestep_scaling=timestep_scaling)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int,
+             height: int | None = None, width: int | None = None) -> list[Image.Image]:
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    out = pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+               generator=generator, height=height, width=width, output_type="np")
+    return [Image.fromarray((im * 255).round().clip(0, 255).astype(np.uint8)) for im in out.images]
+
+
+def save_images(images: list[Image.Image], output_dir: str | Path, prefix: str = "") -> Path:
+    """PNG per image plus grid.png; returns the grid's path."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(output_dir / f"{prefix}{i:03d}.png")
+    grid_path = output_dir / f"{prefix}grid.png"
+    make_grid(images, columns=min(len(images), 8)).save(grid_path)
+    return grid_path

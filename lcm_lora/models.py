@@ -1,0 +1,90 @@
+"""Load a Stable Diffusion teacher and put a PEFT LoRA on its UNet.
+
+One UNet serves as student (adapter on), teacher (adapter off) and target (adapter on, no grad),
+so a run holds one UNet in memory, not two. Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from peft import LoraConfig
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .config import PREDICTION_TYPES, LoraArgs, ModelArgs
+from .world import assets
+
+
+@dataclass
+class Teacher:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler  # only its alphas_cumprod table is used
+    prediction_type: str
+    source: str
+
+
+def resolve_teacher(name_or_path: str) -> str:
+    """A bundled tiny teacher's name, a local folder, or a hub id (returned unchanged)."""
+    if name_or_path in assets.BUNDLED:
+        return str(assets.resolve(name_or_path))
+    return name_or_path
+
+
+def load_teacher(args: ModelArgs) -> Teacher:
+    source = resolve_teacher(args.pretrained_teacher_model)
+    if Path(source).exists() and not (Path(source) / "unet").is_dir():
+        raise FileNotFoundError(
+            f"--pretrained_teacher_model {source}: no 'unet' subfolder. Give a diffusers pipeline folder "
+            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+        )
+    common = dict(revision=args.revision, use_safetensors=True)
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=args.revision)
+    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"{source}: prediction type {prediction_type!r} is not one of {PREDICTION_TYPES}; "
+                         "set --prediction_type.")
+    return Teacher(
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=args.revision),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant, **common),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common),
+        noise_scheduler=noise_scheduler,
+        prediction_type=prediction_type,
+        source=args.pretrained_teacher_model,
+    )
+
+
+def lora_config(args: LoraArgs) -> LoraConfig:
+    return LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules),
+        init_lora_weights="gaussian",  # B = 0: the student starts exactly at the teacher
+    )
+
+
+def attach_lora(unet: UNet2DConditionModel, args: LoraArgs) -> UNet2DConditionModel:
+    """Freeze the UNet and add one trainable LoRA adapter, kept in fp32 whatever the UNet's dtype."""
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(args))
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return unet
+
+
+@contextlib.contextmanager
+def adapter_disabled(unet: UNet2DConditionModel):
+    """The teacher: the same UNet with its LoRA switched off, switched back on however we leave."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()

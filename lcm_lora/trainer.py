@@ -1,0 +1,256 @@
+"""The training loop: Accelerate setup, then accumulate, step and tick maintenance in one function.
+
+Precision is what the user asked for: frozen weights in the `--mixed_precision` dtype, LoRA
+weights in fp32, and every network call inside `accelerator.autocast()`, which is a no-op for
+`no` (the reference trainer's dtype-less autocast silently ran fp32 runs in bf16 on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import export
+from .config import ConfigError, TrainConfig, to_yaml
+from .data import load_source, make_dataloader
+from .distill import lcd_loss
+from .models import Teacher, adapter_disabled, attach_lora, load_teacher
+from .schedule import ddim_timesteps
+
+logger = logging.getLogger(__name__)
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    out = Path(config.run.output_dir)
+    report_to = None if config.run.report_to == "none" else config.run.report_to
+    return Accelerator(
+        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+        mixed_precision=config.run.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / config.run.logging_dir)),
+    )
+
+
+def prepare_models(config: TrainConfig, teacher: Teacher, accelerator: Accelerator) -> torch.nn.Module:
+    """Freeze encoders in the run's dtype; put an fp32 LoRA on the UNet; set speed switches."""
+    dtype, device = WEIGHT_DTYPES[config.run.mixed_precision], accelerator.device
+    for module in (teacher.vae, teacher.text_encoder):
+        module.requires_grad_(False).to(device, dtype).eval()
+    unet = attach_lora(teacher.unet.to(device, dtype), config.lora)
+    if config.run.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if config.run.enable_xformers_memory_efficient_attention:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as err:  # diffusers raises several types; the message is what matters
+            raise ConfigError(f"--enable_xformers_memory_efficient_attention: {err}. "
+                              "Install it with pip install 'lcm-lora[xformers]' or drop the flag.") from err
+    if config.run.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return unet
+
+
+def register_lora_checkpointing(accelerator: Accelerator) -> None:
+    """Checkpoints hold the LoRA only (MBs), never the frozen UNet (GBs); Accelerate keeps the rest."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            tensors = export.peft_state_dict(accelerator.unwrap_model(models[0]))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(output_dir) / export.LORA_CHECKPOINT_NAME))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        model = accelerator.unwrap_model(models.pop())
+        result = set_peft_model_state_dict(model, load_file(str(Path(input_dir) / export.LORA_CHECKPOINT_NAME)))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{input_dir}: unexpected LoRA keys {result.unexpected_keys[:5]}")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(f"--resume_from_checkpoint {resume}: no such folder.")
+        return path
+    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, limit: int | None) -> None:
+    if accelerator.is_main_process and limit is not None:
+        existing = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in existing[: max(0, len(existing) - limit + 1)]:
+            shutil.rmtree(old)
+    accelerator.save_state(str(out / f"checkpoint-{step}"))
+
+
+def export_lora(accelerator: Accelerator, unet, config: TrainConfig, teacher: Teacher, step: int, out_dir: Path) -> Path:
+    meta = export.metadata(config.to_flat_dict(), config.model.pretrained_teacher_model, teacher.prediction_type, step)
+    return export.save_diffusers_lora(accelerator.unwrap_model(unet), out_dir, config.lora.lora_rank,
+                                      config.lora.lora_alpha, meta)
+
+
+def log_validation(accelerator, unet, config: TrainConfig, teacher: Teacher, step: int) -> None:
+    """Images from the LoRA exactly as exported: written to disk, loaded back with load_lora_weights."""
+    from .inference import generate, load_lcm_pipeline, make_grid
+
+    out = Path(config.run.output_dir) / "validation" / f"step-{step}"
+    export_lora(accelerator, unet, config, teacher, step, out)
+    pipe = load_lcm_pipeline(config.model.pretrained_teacher_model, out, device=str(accelerator.device),
+                             original_inference_steps=config.distill.num_ddim_timesteps,
+                             timestep_scaling=config.distill.timestep_scaling_factor)
+    prompts = list(config.run.validation_prompts)
+    for steps in config.run.validation_inference_steps:
+        images = generate(pipe, prompts, steps, 1.0, seed=config.run.seed or 0,
+                          height=config.data.resolution, width=config.data.resolution)
+        grid = make_grid(images, columns=len(images))
+        grid.save(out / f"{steps}-steps.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image(f"validation/{steps}_steps", np.asarray(grid), step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({f"validation/{steps}_steps": wandb.Image(grid)}, step=step)
+    del pipe
+
+
+def unet_fns(unet, raw_unet, dtype: torch.dtype):
+    """(student, teacher, target) callables (z_t, t, c) -> output, all on one UNet.
+
+    The student goes through Accelerate's wrapper (DDP syncs its gradients); the no-grad teacher
+    (adapter off) and target (adapter on) call the unwrapped module.
+    """
+
+    def student(z, t, c):
+        return unet(z.to(dtype), t, encoder_hidden_states=c, return_dict=False)[0].float()
+
+    def teacher(z, t, c):
+        with adapter_disabled(raw_unet):
+            return raw_unet(z.to(dtype), t, encoder_hidden_states=c, return_dict=False)[0].float()
+
+    def target(z, t, c):
+        return raw_unet(z.to(dtype), t, encoder_hidden_states=c, return_dict=False)[0].float()
+
+    return student, teacher, target
+
+
+@torch.no_grad()
+def encode_batch(teacher: Teacher, batch: dict, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 = scaled VAE latent sample (fp32) and c = CLIP last hidden state, from a data batch."""
+    pixels = batch["pixel_values"].to(device, dtype)
+    x0 = teacher.vae.encode(pixels).latent_dist.sample().float() * teacher.vae.config.scaling_factor
+    return x0, teacher.text_encoder(batch["input_ids"].to(device))[0]
+
+
+def train(config: TrainConfig) -> Path:
+    """Distill an LCM-LoRA; returns the folder holding pytorch_lora_weights.safetensors."""
+    problems = config.validate()
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    out = Path(config.run.output_dir)
+    accelerator = make_accelerator(config)
+    if config.run.seed is not None:
+        set_seed(config.run.seed)
+    teacher = load_teacher(config.model)
+    unet = prepare_models(config, teacher, accelerator)
+    params = [p for p in unet.parameters() if p.requires_grad]  # a list: clipping must see them again
+    o = config.optim
+    optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
+                                  weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
+    lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=o.max_train_steps * accelerator.num_processes)
+    dataloader = make_dataloader(load_source(config.data), teacher.tokenizer, config.data, o.train_batch_size,
+                                 config.run.seed or 0)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    register_lora_checkpointing(accelerator)
+
+    device, dtype = accelerator.device, WEIGHT_DTYPES[config.run.mixed_precision]
+    alphas_cumprod = teacher.noise_scheduler.alphas_cumprod.to(device, torch.float32)
+    tau = ddim_timesteps(teacher.noise_scheduler.config.num_train_timesteps, config.distill.num_ddim_timesteps).to(device)
+    with torch.no_grad(), accelerator.autocast():
+        empty = teacher.tokenizer([""], padding="max_length", max_length=teacher.tokenizer.model_max_length,
+                                  return_tensors="pt").input_ids.to(device)
+        c_uncond = teacher.text_encoder(empty)[0]
+    student, teacher_fn, target = unet_fns(unet, accelerator.unwrap_model(unet), dtype)
+
+    global_step, skip_batches = 0, 0
+    checkpoint = find_checkpoint(out, config.run.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name.split("-")[1])
+        skip_batches = global_step * o.gradient_accumulation_steps % len(dataloader)
+        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(config))
+        if accelerator.trackers == [] and config.run.report_to != "none":
+            accelerator.init_trackers("lcm-lora", config={k: str(v) for k, v in config.to_flat_dict().items()})
+
+    micro_steps_per_epoch = len(dataloader)
+    first_epoch = global_step * o.gradient_accumulation_steps // micro_steps_per_epoch
+    epochs = math.ceil(o.max_train_steps * o.gradient_accumulation_steps / micro_steps_per_epoch)
+    progress = tqdm(total=o.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
+                    desc="distill")
+    unet.train()
+    for epoch in range(first_epoch, epochs):
+        batches = dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(dataloader, skip_batches)
+        for batch in batches:
+            # Accumulate gradients.
+            with accelerator.accumulate(unet), accelerator.autocast():
+                x0, c = encode_batch(teacher, batch, device, dtype)
+                loss = lcd_loss(student, teacher_fn, target, x0, c, c_uncond.expand_as(c), alphas_cumprod, tau,
+                                config.distill, teacher.prediction_type).mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and o.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, o.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            # Maintenance once per optimizer step: log, checkpoint, validate.
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if config.run.checkpointing_steps and global_step % config.run.checkpointing_steps == 0:
+                save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit)
+            if (accelerator.is_main_process and config.run.validation_steps and config.run.validation_prompts
+                    and global_step % config.run.validation_steps == 0):
+                log_validation(accelerator, unet, config, teacher, global_step)
+            if global_step >= o.max_train_steps:
+                break
+        if global_step >= o.max_train_steps:
+            break
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path = export_lora(accelerator, unet, config, teacher, global_step, out)
+        accelerator.print(f"saved {path}")
+    accelerator.end_training()
+    return out
+

@@ -1,0 +1,157 @@
+"""Score samplers on the tiny world: prompt accuracy and Fréchet distance on held-out prompts.
+
+    python -m lcm_lora.world.quality --teacher teacher-eps              # the README table
+    python -m lcm_lora.world.quality --teacher /path/to/pipeline --steps 1 2 4 8
+
+The held-out set is every scene of the world (192 prompts), `samples_per_prompt` images each from
+fixed seeds; the Fréchet reference is images rendered from seeds that training never used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline
+
+from . import assets
+from .judge import Judge, accuracy, frechet_distance, judge_images, render_set
+from .scene import Scene, all_scenes
+
+HELD_OUT_SEED = 1_000_000  # training images use seeds below this
+REFERENCE_IMAGES = 2000
+
+SAMPLERS = {
+    "ddim-leading": lambda config: DDIMScheduler.from_config(config, timestep_spacing="leading"),
+    "ddim-trailing": lambda config: DDIMScheduler.from_config(config, timestep_spacing="trailing"),
+    "dpm++2m-trailing": lambda config: DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", timestep_spacing="trailing", final_sigmas_type="zero"
+    ),
+    "lcm": lambda config: LCMScheduler.from_config(config),
+}
+
+
+@dataclass
+class Score:
+    sampler: str
+    steps: int
+    guidance_scale: float
+    prompt_accuracy: float
+    mean_attribute_accuracy: float
+    frechet_distance: float
+    per_attribute: dict
+
+    def row(self) -> str:
+        return (
+            f"| {self.sampler} | {self.steps} | {self.guidance_scale:g} | {100 * self.prompt_accuracy:.1f} "
+            f"| {100 * self.mean_attribute_accuracy:.1f} | {self.frechet_distance:.2f} |"
+        )
+
+
+TABLE_HEADER = (
+    "| sampler | steps | guidance | prompt acc. % | attribute acc. % | Fréchet distance |\n"
+    "|---|---:|---:|---:|---:|---:|"
+)
+
+
+def held_out_prompts(samples_per_prompt: int) -> list[Scene]:
+    return [scene for scene in all_scenes() for _ in range(samples_per_prompt)]
+
+
+def load_judge(path: str | Path | None = None) -> Judge:
+    from safetensors.torch import load_file
+
+    judge = Judge()
+    judge.load_state_dict(load_file(str(path or assets.judge_path())))
+    return judge.eval()
+
+
+def load_pipeline(path: str | Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets.resolve(path)), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, scenes: list[Scene], steps: int, guidance_scale: float, seed: int = 0, batch: int = 96) -> np.ndarray:
+    """uint8 images [N, 64, 64, 3], one per scene, from one seeded generator per batch."""
+    images = []
+    for i in range(0, len(scenes), batch):
+        prompts = [s.caption for s in scenes[i : i + batch]]
+        generator = torch.Generator(pipe.device).manual_seed(seed + i)
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator, output_type="np")
+        images.append((out.images * 255).round().clip(0, 255).astype(np.uint8))
+    return np.concatenate(images)
+
+
+class Scorer:
+    """Holds the judge and the real-image reference features, so each score costs one judge pass."""
+
+    def __init__(self, judge: Judge | None = None, reference_images: int = REFERENCE_IMAGES) -> None:
+        self.judge = judge or load_judge()
+        _, real = render_set(range(HELD_OUT_SEED, HELD_OUT_SEED + reference_images))
+        self.reference = judge_images(self.judge, real)[1]
+
+    def score(self, images: np.ndarray, scenes: list[Scene], sampler: str, steps: int, guidance_scale: float) -> Score:
+        preds, feats = judge_images(self.judge, images)
+        acc = accuracy(preds, scenes)
+        per_attribute = {k: v for k, v in acc.items() if k not in ("prompt", "mean_attribute")}
+        return Score(sampler, steps, guidance_scale, acc["prompt"], acc["mean_attribute"],
+                     frechet_distance(feats, self.reference), per_attribute)
+
+
+def sweep(pipe, scorer: Scorer, samplers: list[str], steps: list[int], guidance_scale: float,
+          samples_per_prompt: int = 2, seed: int = 0) -> list[Score]:
+    scenes = held_out_prompts(samples_per_prompt)
+    original = pipe.scheduler.config
+    scores = []
+    for sampler in samplers:
+        pipe.scheduler = SAMPLERS[sampler](original)
+        for n in steps:
+            images = generate(pipe, scenes, n, guidance_scale, seed)
+            scores.append(scorer.score(images, scenes, sampler, n, guidance_scale))
+            print(scores[-1].row(), flush=True)
+    pipe.scheduler = type(pipe.scheduler).from_config(original)
+    return scores
+
+
+def real_baseline(scorer: Scorer, samples_per_prompt: int = 2) -> Score:
+    """The judge on real held-out images: the ceiling for accuracy, the floor for the distance."""
+    scenes = held_out_prompts(samples_per_prompt)
+    from .scene import render
+
+    images = np.stack([render(s, HELD_OUT_SEED + 500_000 + i) for i, s in enumerate(scenes)])
+    return scorer.score(images, scenes, "real images", 0, 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="teacher-eps", help="a bundled teacher name or a pipeline folder")
+    parser.add_argument("--samplers", nargs="+", default=["ddim-leading", "ddim-trailing", "dpm++2m-trailing"])
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--reference_steps", type=int, default=50, help="DDIM steps of the teacher's reference row")
+    parser.add_argument("--guidance_scale", type=float, default=4.0)
+    parser.add_argument("--samples_per_prompt", type=int, default=2)
+    parser.add_argument("--judge", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the scores here")
+    args = parser.parse_args(argv)
+
+    pipe = load_pipeline(args.teacher).to(args.device)
+    scorer = Scorer(load_judge(args.judge))
+    print(TABLE_HEADER)
+    scores = [real_baseline(scorer, args.samples_per_prompt)]
+    print(scores[0].row())
+    if args.reference_steps:
+        scores += sweep(pipe, scorer, ["ddim-leading"], [args.reference_steps], args.guidance_scale, args.samples_per_prompt)
+    scores += sweep(pipe, scorer, args.samplers, args.steps, args.guidance_scale, args.samples_per_prompt)
+    if args.json:
+        args.json.write_text(json.dumps([s.__dict__ for s in scores], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The typed config: flags over YAML over defaults, clear errors, dry-run output."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lcm_lora.config import ConfigError, TrainConfig, build_parser, parse_train_args, to_yaml
+
+ROOT = Path(__file__).parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lora_rank: 8\nw_min: 3.0\nw_max: 9.0\ntrain_data_dir: d\n")
+    config, dry_run = parse_train_args(["--config", str(preset), "--w_max", "12", "--no-center_crop"])
+    assert (config.lora.lora_rank, config.distill.w_min, config.distill.w_max) == (8, 3.0, 12.0)
+    assert config.data.center_crop is False and config.data.train_data_dir == "d"
+    assert config.optim.learning_rate == TrainConfig().optim.learning_rate and not dry_run
+
+
+def test_flag_names_follow_the_diffusers_lcm_scripts():
+    flags = {a.option_strings[0] for a in build_parser()._actions}
+    for name in ("pretrained_teacher_model", "output_dir", "train_data_dir", "dataset_name", "image_column",
+                 "caption_column", "resolution", "train_batch_size", "learning_rate", "lr_scheduler",
+                 "lr_warmup_steps", "lora_rank", "lora_alpha", "lora_target_modules", "w_min", "w_max",
+                 "num_ddim_timesteps", "timestep_scaling_factor", "loss_type", "huber_c", "max_train_steps",
+                 "gradient_accumulation_steps", "max_grad_norm", "mixed_precision", "gradient_checkpointing",
+                 "seed", "checkpointing_steps", "resume_from_checkpoint", "validation_steps", "report_to",
+                 "enable_xformers_memory_efficient_attention", "allow_tf32", "proportion_empty_prompts"):
+        assert f"--{name}" in flags, name
+
+
+def test_unknown_yaml_key_names_the_file_and_suggests(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("lora_rnk: 8\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*lora_rnk.*did you mean 'lora_rank'"):
+        parse_train_args(["--config", str(preset)])
+
+
+def test_bad_value_type_is_named(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("center_crop: maybe\n")
+    with pytest.raises(ConfigError, match="center_crop"):
+        parse_train_args(["--config", str(preset)])
+
+
+def test_validate_lists_every_problem_by_flag():
+    config = TrainConfig.from_flat_dict({"w_min": 9.0, "w_max": 3.0, "loss_type": "l1", "lora_rank": 0})
+    problems = "\n".join(config.validate())
+    for flag in ("--pretrained_teacher_model", "--train_data_dir", "--w_min", "--loss_type", "--lora_rank"):
+        assert flag in problems
+
+
+def test_yaml_round_trip_is_exact():
+    config = TrainConfig.from_flat_dict({"validation_prompts": ["a", "b"], "lora_alpha": 8.0})
+    again = TrainConfig.from_flat_dict(yaml.safe_load(to_yaml(config)))
+    assert again == config
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
+def test_every_preset_loads_and_dry_run_prints_it(preset):
+    result = subprocess.run([sys.executable, str(ROOT / "train_lcm_lora.py"), "--config", str(preset), "--dry-run"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed == {**TrainConfig().to_flat_dict(), **yaml.safe_load(preset.read_text())}

@@ -1,0 +1,116 @@
+"""The bundled tiny world: deterministic data, a judge that knows the truth, loadable teachers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from lcm_lora.world import assets
+from lcm_lora.world.dataset import write_imagefolder
+from lcm_lora.world.judge import accuracy, frechet_distance, judge_images, render_set
+from lcm_lora.world.quality import HELD_OUT_SEED, Scorer, generate, held_out_prompts, load_judge, real_baseline
+from lcm_lora.world.scene import ATTRIBUTES, all_scenes, render, sample
+
+
+def test_world_is_deterministic_and_seeds_differ():
+    scene_a, image_a = sample(123)
+    scene_b, image_b = sample(123)
+    assert scene_a == scene_b and np.array_equal(image_a, image_b)
+    images = [sample(seed)[1] for seed in range(20)]
+    assert len({im.tobytes() for im in images}) == 20
+    assert image_a.shape == (64, 64, 3) and image_a.dtype == np.uint8
+
+
+def test_every_scene_has_a_unique_caption_naming_its_attributes():
+    scenes = all_scenes()
+    assert len(scenes) == np.prod([len(v) for v in ATTRIBUTES.values()]) == 192
+    assert len({s.caption for s in scenes}) == len(scenes)
+    for s in scenes:
+        for value in (s.color, s.shape, s.position, s.background):
+            assert value in s.caption
+
+
+def test_imagefolder_loads_with_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    write_imagefolder(tmp_path, 12)
+    ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path), split="train")
+    assert len(ds) == 12 and set(ds.column_names) == {"image", "text"}
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    by_name = {r["file_name"]: r["text"] for r in rows}
+    for seed in range(12):
+        assert by_name[f"{seed:07d}.png"] == sample(seed)[0].caption
+    loaded = {(np.array(row["image"].convert("RGB")).tobytes(), row["text"]) for row in ds}
+    assert loaded == {(sample(seed)[1].tobytes(), sample(seed)[0].caption) for seed in range(12)}
+
+
+def test_bundled_tokenizer_gives_one_token_per_caption_word():
+    tokenizer = CLIPTokenizer.from_pretrained(assets.resolve("teacher-eps") / "tokenizer")
+    assert tokenizer.model_max_length == 77
+    for scene in all_scenes()[:: 7]:
+        ids = tokenizer(scene.caption).input_ids
+        assert len(ids) == len(scene.caption.split()) + 2  # + <|startoftext|>, <|endoftext|>
+        assert tokenizer.unk_token_id not in ids[1:-1]
+
+
+def test_judge_scores_real_held_out_images_near_perfectly():
+    scorer = Scorer(reference_images=1000)
+    score = real_baseline(scorer, samples_per_prompt=2)
+    assert score.prompt_accuracy >= 0.99, score
+    assert min(score.per_attribute.values()) >= 0.99, score
+
+
+def test_frechet_distance_separates_real_from_degraded_images():
+    judge = load_judge()
+    scenes, real_a = render_set(range(HELD_OUT_SEED, HELD_OUT_SEED + 400))
+    _, real_b = render_set(range(HELD_OUT_SEED + 400, HELD_OUT_SEED + 800))
+    feats_a = judge_images(judge, real_a)[1]
+    feats_b = judge_images(judge, real_b)[1]
+    blurred = np.stack([np.array(_box_blur(im)) for im in real_b])
+    same = frechet_distance(feats_a, feats_b)
+    degraded = frechet_distance(feats_a, judge_images(judge, blurred)[1])
+    assert degraded > 5 * same, (same, degraded)
+    assert frechet_distance(feats_a, feats_a) == pytest.approx(0, abs=1e-6)
+
+
+def _box_blur(image: np.ndarray, k: int = 5) -> np.ndarray:
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    y = torch.nn.functional.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
+    return y[0].permute(1, 2, 0).round().byte().numpy()
+
+
+@pytest.mark.parametrize("name, prediction_type", [("teacher-eps", "epsilon"), ("teacher-vpred", "v_prediction")])
+def test_teacher_loads_offline_in_sd_layout(name, prediction_type):
+    pipe = StableDiffusionPipeline.from_pretrained(assets.resolve(name), safety_checker=None)
+    config = pipe.scheduler.config
+    assert config.prediction_type == prediction_type
+    assert (config.num_train_timesteps, config.beta_start, config.beta_end) == (1000, 0.00085, 0.012)
+    assert (config.beta_schedule, config.set_alpha_to_one, config.steps_offset) == ("scaled_linear", False, 1)
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    files = [p.name for p in assets.resolve(name).rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".ckpt", ".pkl"))], files
+
+
+def test_vae_latents_have_unit_variance():
+    vae = StableDiffusionPipeline.from_pretrained(assets.resolve("teacher-eps"), safety_checker=None).vae
+    _, images = render_set(range(HELD_OUT_SEED, HELD_OUT_SEED + 256))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0)) * vae.config.scaling_factor
+    assert latents.shape[1:] == (4, 16, 16)
+    assert 0.8 < latents.std().item() < 1.2
+
+
+@pytest.mark.parametrize("name", ["teacher-eps", "teacher-vpred"])
+def test_teacher_generates_deterministically_and_follows_prompts(name):
+    pipe = StableDiffusionPipeline.from_pretrained(assets.resolve(name), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    scenes = held_out_prompts(1)[::4]  # 48 prompts covering every attribute value
+    first = generate(pipe, scenes, steps=25, guidance_scale=4.0, seed=7)
+    again = generate(pipe, scenes[:8], steps=25, guidance_scale=4.0, seed=7)
+    assert np.array_equal(first[:8], again)
+    preds, _ = judge_images(load_judge(), first)
+    assert accuracy(preds, scenes)["prompt"] >= 0.75  # measured 50-step accuracy is in the world README
