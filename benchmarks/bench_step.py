@@ -1,7 +1,7 @@
 """Overhead of a training step over its ideal cost, measured in one process.
 
     python benchmarks/bench_step.py                          # bundled tiny teacher, CPU
-    python benchmarks/bench_step.py --teacher DIR --resolution 512 --batch_size 4 --device cuda
+    python benchmarks/bench_step.py --teacher DIR --resolution 512 --batch_size 4 --mixed_precision bf16  # a GPU
 
 "step" is the trainer's own step: VAE and text encoding, `lcd_loss` (student forward+backward at B,
 teacher forward at 2B, target forward at B), clipping and the optimizer. "ideal" is the three UNet
@@ -32,12 +32,13 @@ def main() -> None:
     parser.add_argument("--lora_rank", type=int, default=16)
     parser.add_argument("--mixed_precision", default="no")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
     args = parser.parse_args()
 
     config = TrainConfig.from_flat_dict({
         "pretrained_teacher_model": args.teacher, "lora_rank": args.lora_rank, "lora_alpha": args.lora_rank,
-        "mixed_precision": args.mixed_precision, "report_to": "none", "output_dir": "/tmp/lcm-lora-bench"})
+        "mixed_precision": args.mixed_precision, "report_to": "none",
+        "gradient_checkpointing": args.gradient_checkpointing, "output_dir": "/tmp/lcm-lora-bench"})
     accelerator = make_accelerator(config)
     teacher = load_teacher(config.model)
     unet = prepare_models(config, teacher, accelerator)
@@ -93,6 +94,9 @@ def main() -> None:
     print(f"step  median {ms * 1000:.1f} ms (min {min(steps) * 1000:.1f}, max {max(steps) * 1000:.1f})")
     print(f"ideal median {mi * 1000:.1f} ms (min {min(ideals) * 1000:.1f}, max {max(ideals) * 1000:.1f})")
     print(f"ratio step/ideal {ms / mi:.3f}")
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
+              f"trainable LoRA parameters {sum(p.numel() for p in params) / 1e6:.1f}M")
 
 
 if __name__ == "__main__":

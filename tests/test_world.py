@@ -63,15 +63,16 @@ def test_judge_scores_real_held_out_images_near_perfectly():
 
 
 def test_frechet_distance_separates_real_from_degraded_images():
+    # Measured (1000 vs 1000 images): real vs real 20.7, real vs 5-px box blur 195.5 (9.5x).
     judge = load_judge()
-    scenes, real_a = render_set(range(HELD_OUT_SEED, HELD_OUT_SEED + 400))
-    _, real_b = render_set(range(HELD_OUT_SEED + 400, HELD_OUT_SEED + 800))
+    _, real_a = render_set(range(HELD_OUT_SEED, HELD_OUT_SEED + 1000))
+    _, real_b = render_set(range(HELD_OUT_SEED + 1000, HELD_OUT_SEED + 2000))
     feats_a = judge_images(judge, real_a)[1]
     feats_b = judge_images(judge, real_b)[1]
-    blurred = np.stack([np.array(_box_blur(im)) for im in real_b])
+    blurred = np.stack([_box_blur(im) for im in real_b])
     same = frechet_distance(feats_a, feats_b)
     degraded = frechet_distance(feats_a, judge_images(judge, blurred)[1])
-    assert degraded > 5 * same, (same, degraded)
+    assert degraded > 4 * same, (same, degraded)
     assert frechet_distance(feats_a, feats_a) == pytest.approx(0, abs=1e-6)
 
 
@@ -110,7 +111,19 @@ def test_teacher_generates_deterministically_and_follows_prompts(name):
     pipe.set_progress_bar_config(disable=True)
     scenes = held_out_prompts(1)[::4]  # 48 prompts covering every attribute value
     first = generate(pipe, scenes, steps=25, guidance_scale=4.0, seed=7)
-    again = generate(pipe, scenes[:8], steps=25, guidance_scale=4.0, seed=7)
-    assert np.array_equal(first[:8], again)
+    again = generate(pipe, scenes, steps=25, guidance_scale=4.0, seed=7)
+    assert np.array_equal(first, again)
     preds, _ = judge_images(load_judge(), first)
     assert accuracy(preds, scenes)["prompt"] >= 0.75  # measured 50-step accuracy is in the world README
+
+
+def test_build_script_runs_end_to_end_with_tiny_settings(tmp_path):
+    from lcm_lora.world.build import main
+
+    main(["--out", str(tmp_path), "--judge_images", "64", "--judge_steps", "2", "--vae_steps", "2",
+          "--train_images", "64", "--teacher_steps", "2", "--stages", "judge", "vae", "teacher-vpred"])
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher-vpred", safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (tmp_path / "teacher-vpred" / "tokenizer").iterdir()}
+    info = json.loads((tmp_path / "build_info.json").read_text())
+    assert set(info["seconds"]) == {"judge", "vae", "teacher-vpred"} and info["recipe"]["teacher_steps"] == 2

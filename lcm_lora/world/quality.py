@@ -107,7 +107,8 @@ class Scorer:
 def sweep(pipe, scorer: Scorer, samplers: list[str], steps: list[int], guidance_scale: float,
           samples_per_prompt: int = 2, seed: int = 0) -> list[Score]:
     scenes = held_out_prompts(samples_per_prompt)
-    original = pipe.scheduler.config
+    original_scheduler = pipe.scheduler
+    original = original_scheduler.config
     scores = []
     for sampler in samplers:
         pipe.scheduler = SAMPLERS[sampler](original)
@@ -115,7 +116,7 @@ def sweep(pipe, scorer: Scorer, samplers: list[str], steps: list[int], guidance_
             images = generate(pipe, scenes, n, guidance_scale, seed)
             scores.append(scorer.score(images, scenes, sampler, n, guidance_scale))
             print(scores[-1].row(), flush=True)
-    pipe.scheduler = type(pipe.scheduler).from_config(original)
+    pipe.scheduler = original_scheduler
     return scores
 
 
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference_steps", type=int, default=50, help="DDIM steps of the teacher's reference row")
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--samples_per_prompt", type=int, default=2)
+    parser.add_argument("--lora", default=None, help="an LCM-LoRA to load; adds the 'lcm' sampler rows")
+    parser.add_argument("--lora_guidance_scale", type=float, default=1.0)
     parser.add_argument("--judge", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the scores here")
@@ -149,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference_steps:
         scores += sweep(pipe, scorer, ["ddim-leading"], [args.reference_steps], args.guidance_scale, args.samples_per_prompt)
     scores += sweep(pipe, scorer, args.samplers, args.steps, args.guidance_scale, args.samples_per_prompt)
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+        scores += sweep(pipe, scorer, ["lcm"], args.steps, args.lora_guidance_scale, args.samples_per_prompt)
     if args.json:
         args.json.write_text(json.dumps([s.__dict__ for s in scores], indent=2))
 

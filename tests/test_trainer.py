@@ -1,0 +1,74 @@
+"""Short real training runs on the bundled teacher: checkpoints, export, resume, clipping, CLI."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lcm_lora.cli import export_main, generate_main
+from lcm_lora.config import TrainConfig
+from lcm_lora.export import DIFFUSERS_WEIGHT_NAME, LORA_CHECKPOINT_NAME
+from lcm_lora.models import resolve_teacher
+from lcm_lora.trainer import train
+from lcm_lora.world.dataset import write_imagefolder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_imagefolder(tmp_path_factory.mktemp("world"), 32)
+
+
+def _config(data_dir: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(pretrained_teacher_model="teacher-eps", train_data_dir=str(data_dir), resolution=64,
+                  train_batch_size=4, max_train_steps=2, lora_rank=4, lora_alpha=8, learning_rate=1e-3,
+                  lr_warmup_steps=0, checkpointing_steps=1, report_to="none", output_dir=str(out), seed=0)
+    return TrainConfig.from_flat_dict({**values, **overrides})
+
+
+def test_run_writes_lora_only_checkpoints_config_and_a_loadable_lora(data_dir, tmp_path):
+    out = train(_config(data_dir, tmp_path, checkpoints_total_limit=1))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the limit removed checkpoint-1
+    files = {p.name for p in (out / "checkpoint-2").iterdir()}
+    assert LORA_CHECKPOINT_NAME in files and not any("unet" in f or f.startswith("model") for f in files), files
+    assert (out / "config.yaml").is_file()
+    with safe_open(str(out / DIFFUSERS_WEIGHT_NAME), "pt") as f:
+        meta = f.metadata()
+    assert meta["lcm_lora.steps_trained"] == "2" and meta["lcm_lora.w_range"] == "5.0,15.0"
+    assert meta["lcm_lora.num_ddim_timesteps"] == "50" and "w + 1" in meta["lcm_lora.w_convention"]
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_teacher("teacher-eps"), safety_checker=None)
+    pipe.load_lora_weights(str(out))  # loads, and the LoRA moved away from zero
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in load_file(out / DIFFUSERS_WEIGHT_NAME).items())
+
+    # The export command reproduces the final file from the last checkpoint.
+    export_main(["--checkpoint", str(out / "checkpoint-2"), "--output_dir", str(tmp_path / "exported")])
+    final, exported = load_file(out / DIFFUSERS_WEIGHT_NAME), load_file(tmp_path / "exported" / DIFFUSERS_WEIGHT_NAME)
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
+
+    # generate: PNGs and a grid, with the LoRA and LCMScheduler.
+    generate_main(["--pretrained_model", "teacher-eps", "--lora", str(out), "--prompt", "a red circle", "a blue square",
+                   "--num_inference_steps", "2", "--output_dir", str(tmp_path / "gen"), "--device", "cpu"])
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["000.png", "001.png", "grid.png"]
+
+
+def test_resume_continues_from_the_checkpoint_step(data_dir, tmp_path):
+    train(_config(data_dir, tmp_path, max_train_steps=1))
+    out = train(_config(data_dir, tmp_path, max_train_steps=3, resume_from_checkpoint="latest"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    with safe_open(str(out / DIFFUSERS_WEIGHT_NAME), "pt") as f:
+        assert f.metadata()["lcm_lora.steps_trained"] == "3"
+
+
+def _update_norm(data_dir: Path, out: Path, max_grad_norm: float) -> float:
+    # With a huge Adam epsilon the update is ~ lr * gradient / epsilon, so clipping shows in the weights.
+    train(_config(data_dir, out, max_train_steps=1, max_grad_norm=max_grad_norm, adam_epsilon=1e3,
+                  learning_rate=1.0, checkpointing_steps=0))
+    return sum(v.float().norm() ** 2 for k, v in load_file(out / DIFFUSERS_WEIGHT_NAME).items() if "lora_B" in k) ** 0.5
+
+
+def test_gradient_clipping_really_clips(data_dir, tmp_path):
+    unclipped = _update_norm(data_dir, tmp_path / "a", max_grad_norm=0.0)
+    clipped = _update_norm(data_dir, tmp_path / "b", max_grad_norm=1e-4)
+    assert unclipped > 0 and clipped < unclipped / 10, (clipped, unclipped)
