@@ -45,8 +45,10 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--num_ddim_timesteps", type=int, default=50, help="The training run's value.")
-    parser.add_argument("--timestep_scaling_factor", type=float, default=10.0, help="The training run's value.")
+    parser.add_argument("--num_ddim_timesteps", type=int, default=None,
+                        help="The training run's value; default: read from the LoRA's metadata, else 50.")
+    parser.add_argument("--timestep_scaling_factor", type=float, default=None,
+                        help="The training run's value; default: read from the LoRA's metadata, else 10.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--output_dir", type=Path, default=Path("generated"))

@@ -55,6 +55,29 @@ def metadata(config_flat: dict, teacher: str, prediction_type: str, global_step:
     }
 
 
+def lcm_scheduler_settings(lora: str | Path) -> dict:
+    """LCMScheduler arguments that match how a LoRA was trained, read from its metadata.
+
+    Sampling with another `original_inference_steps` than the run's num_ddim_timesteps puts the
+    few steps on timesteps the student never saw as consistency endpoints. {} when the file has
+    no lcm-lora metadata (a LoRA from elsewhere): then LCMScheduler's defaults apply.
+    """
+    from safetensors import safe_open
+
+    path = Path(lora)
+    path = path / DIFFUSERS_WEIGHT_NAME if path.is_dir() else path
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    settings = {}
+    if "lcm_lora.num_ddim_timesteps" in meta:
+        settings["original_inference_steps"] = int(meta["lcm_lora.num_ddim_timesteps"])
+    if "lcm_lora.timestep_scaling_factor" in meta:
+        settings["timestep_scaling"] = float(meta["lcm_lora.timestep_scaling_factor"])
+    return settings
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> Path:
     """Write to a temporary name and rename, so a kill mid-write never leaves a half file."""
     path = Path(path)

@@ -9,21 +9,26 @@ import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
 
+from .export import lcm_scheduler_settings
 from .models import resolve_teacher
 
 
 def load_lcm_pipeline(pretrained_model: str, lora: str | Path | None, device: str = "cpu",
-                      dtype: torch.dtype = torch.float32, original_inference_steps: int = 50,
-                      timestep_scaling: float = 10.0):
+                      dtype: torch.dtype = torch.float32, original_inference_steps: int | None = None,
+                      timestep_scaling: float | None = None):
     """The base pipeline with LCMScheduler and the LoRA loaded exactly as a user would load it.
 
     `original_inference_steps` and `timestep_scaling` must equal the training run's
-    num_ddim_timesteps and timestep_scaling_factor (recorded in the LoRA's metadata).
+    num_ddim_timesteps and timestep_scaling_factor: None takes them from the LoRA's metadata,
+    else LCMScheduler's defaults (50 and 10).
     """
     pipe = DiffusionPipeline.from_pretrained(resolve_teacher(pretrained_model), safety_checker=None,
                                              use_safetensors=True)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=original_inference_steps,
-                                              timestep_scaling=timestep_scaling)
+    settings = lcm_scheduler_settings(lora) if lora is not None else {}
+    for name, value in (("original_inference_steps", original_inference_steps), ("timestep_scaling", timestep_scaling)):
+        if value is not None:
+            settings[name] = value
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **settings)
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     pipe.set_progress_bar_config(disable=True)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lcm_lora.config import TrainConfig, load_yaml
-from lcm_lora.export import DIFFUSERS_WEIGHT_NAME
+from lcm_lora.export import DIFFUSERS_WEIGHT_NAME, lcm_scheduler_settings
 from lcm_lora.trainer import train
 from lcm_lora.world.dataset import write_imagefolder
 from lcm_lora.world.quality import Scorer, load_pipeline, sweep
@@ -58,7 +58,8 @@ def test_distilled_lora_beats_the_teachers_few_step_samplers(teacher, world, tmp
     save_file(zeros, str(tmp_path / "zero" / DIFFUSERS_WEIGHT_NAME))
     for name, lora in (("zero", tmp_path / "zero"), ("trained", out)):
         pipe.load_lora_weights(str(lora))
-        lcm[name] = dict(zip(STEPS, sweep(pipe, scorer, ["lcm"], STEPS, 1.0, samples_per_prompt=1)))
+        lcm[name] = dict(zip(STEPS, sweep(pipe, scorer, ["lcm"], STEPS, 1.0, samples_per_prompt=1,
+                                          scheduler_kwargs=lcm_scheduler_settings(out))))
         pipe.unload_lora_weights()
     with pytest.raises(AssertionError):  # the control: the check must reject a LoRA of zeros
         check_distilled(lcm["zero"], baselines, reference)

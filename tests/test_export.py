@@ -64,3 +64,20 @@ def test_to_diffusers_bakes_alpha_over_rank_into_lora_b():
     assert torch.equal(out["unet.m.lora_B.weight"], torch.full((5, 2), 3.0))
     with pytest.raises(KeyError, match="not a LoRA weight"):
         to_diffusers({"m.alpha": torch.ones(())}, 2, 2.0)
+
+
+def test_generation_reads_the_training_grid_from_the_lora_metadata(tmp_path):
+    from lcm_lora.export import lcm_scheduler_settings, metadata
+    from lcm_lora.inference import load_lcm_pipeline
+
+    flat = {"lora_rank": 4, "lora_alpha": 4.0, "w_min": 2.0, "w_max": 6.0, "num_ddim_timesteps": 20,
+            "timestep_scaling_factor": 5.0}
+    save_diffusers_lora(_student(4, 4.0), tmp_path, 4, 4.0, metadata(flat, "teacher-eps", "epsilon", 7))
+    assert lcm_scheduler_settings(tmp_path) == {"original_inference_steps": 20, "timestep_scaling": 5.0}
+    pipe = load_lcm_pipeline("teacher-eps", tmp_path)
+    assert (pipe.scheduler.config.original_inference_steps, pipe.scheduler.config.timestep_scaling) == (20, 5.0)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]  # the 20-point training grid
+    explicit = load_lcm_pipeline("teacher-eps", tmp_path, original_inference_steps=50)
+    assert explicit.scheduler.config.original_inference_steps == 50  # an explicit value wins
+    assert lcm_scheduler_settings(tmp_path / "missing.safetensors") == {}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline
 
+from ..export import lcm_scheduler_settings
 from . import assets
 from .judge import Judge, accuracy, frechet_distance, judge_images, render_set
 from .scene import Scene, all_scenes
@@ -25,13 +26,13 @@ from .scene import Scene, all_scenes
 HELD_OUT_SEED = 1_000_000  # training images use seeds below this
 REFERENCE_IMAGES = 2000
 
-SAMPLERS = {
-    "ddim-leading": lambda config: DDIMScheduler.from_config(config, timestep_spacing="leading"),
-    "ddim-trailing": lambda config: DDIMScheduler.from_config(config, timestep_spacing="trailing"),
-    "dpm++2m-trailing": lambda config: DPMSolverMultistepScheduler.from_config(
-        config, algorithm_type="dpmsolver++", timestep_spacing="trailing", final_sigmas_type="zero"
+SAMPLERS = {  # extra keyword arguments (`scheduler_kwargs` of `sweep`) override these settings
+    "ddim-leading": lambda config, **kw: DDIMScheduler.from_config(config, **{"timestep_spacing": "leading", **kw}),
+    "ddim-trailing": lambda config, **kw: DDIMScheduler.from_config(config, **{"timestep_spacing": "trailing", **kw}),
+    "dpm++2m-trailing": lambda config, **kw: DPMSolverMultistepScheduler.from_config(
+        config, **{"algorithm_type": "dpmsolver++", "timestep_spacing": "trailing", "final_sigmas_type": "zero", **kw}
     ),
-    "lcm": lambda config: LCMScheduler.from_config(config),
+    "lcm": lambda config, **kw: LCMScheduler.from_config(config, **kw),
 }
 
 
@@ -105,13 +106,13 @@ class Scorer:
 
 
 def sweep(pipe, scorer: Scorer, samplers: list[str], steps: list[int], guidance_scale: float,
-          samples_per_prompt: int = 2, seed: int = 0) -> list[Score]:
+          samples_per_prompt: int = 2, seed: int = 0, scheduler_kwargs: dict | None = None) -> list[Score]:
     scenes = held_out_prompts(samples_per_prompt)
     original_scheduler = pipe.scheduler
     original = original_scheduler.config
     scores = []
     for sampler in samplers:
-        pipe.scheduler = SAMPLERS[sampler](original)
+        pipe.scheduler = SAMPLERS[sampler](original, **(scheduler_kwargs or {}))
         for n in steps:
             images = generate(pipe, scenes, n, guidance_scale, seed)
             scores.append(scorer.score(images, scenes, sampler, n, guidance_scale))
@@ -132,7 +133,8 @@ def real_baseline(scorer: Scorer, samples_per_prompt: int = 2) -> Score:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="teacher-eps", help="a bundled teacher name or a pipeline folder")
-    parser.add_argument("--samplers", nargs="+", default=["ddim-leading", "ddim-trailing", "dpm++2m-trailing"])
+    parser.add_argument("--samplers", nargs="*", default=["ddim-leading", "ddim-trailing", "dpm++2m-trailing"],
+                        help="non-distilled samplers to score; none with --lora scores only the LoRA")
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--reference_steps", type=int, default=50, help="DDIM steps of the teacher's reference row")
     parser.add_argument("--guidance_scale", type=float, default=4.0)
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     scores += sweep(pipe, scorer, args.samplers, args.steps, args.guidance_scale, args.samples_per_prompt)
     if args.lora:
         pipe.load_lora_weights(args.lora)
-        scores += sweep(pipe, scorer, ["lcm"], args.steps, args.lora_guidance_scale, args.samples_per_prompt)
+        scores += sweep(pipe, scorer, ["lcm"], args.steps, args.lora_guidance_scale, args.samples_per_prompt,
+                        scheduler_kwargs=lcm_scheduler_settings(args.lora))
     if args.json:
         args.json.write_text(json.dumps([s.__dict__ for s in scores], indent=2))
 
