@@ -5,8 +5,9 @@
 
 "step" is the trainer's own step: VAE and text encoding, `lcd_loss` (student forward+backward at B,
 teacher forward at 2B, target forward at B), clipping and the optimizer. "ideal" is the three UNet
-calls alone on the same tensors. The ratio step / ideal is what the trainer adds around the UNet.
-Timings alternate step, ideal, step, ideal... and the medians are compared.
+calls alone on the same tensors. The ratio step / ideal is what the trainer adds around the UNet;
+"encode" (VAE and text encoder alone) says how much of that is encoding, which cached encodings remove.
+Timings alternate step, ideal, encode, step, ... and the medians of the paired ratios are printed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from lcm_lora.config import TrainConfig
 from lcm_lora.distill import lcd_loss
 from lcm_lora.models import load_teacher
 from lcm_lora.schedule import ddim_timesteps
-from lcm_lora.trainer import WEIGHT_DTYPES, encode_batch, make_accelerator, prepare_models, unet_fns
+from lcm_lora.trainer import (WEIGHT_DTYPES, encode_batch, make_accelerator, make_optimizer, prepare_models,
+                              unet_fns)
 
 
 def main() -> None:
@@ -43,7 +45,7 @@ def main() -> None:
     teacher = load_teacher(config.model)
     unet = prepare_models(config, teacher, accelerator)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = make_optimizer(params, config.optim)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     device, dtype = accelerator.device, WEIGHT_DTYPES[args.mixed_precision]
     student, teacher_fn, target = unet_fns(unet, accelerator.unwrap_model(unet), dtype)
@@ -82,18 +84,29 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for fn in (step, ideal, step, ideal):  # warm-up
+    def encode() -> None:
+        encode_batch(teacher, batch, device, dtype)
+
+    for fn in (step, ideal, encode, step, ideal, encode):  # warm-up
         fn()
-    steps, ideals = [], []
+    steps, ideals, encodes = [], [], []
     for _ in range(args.repeats):
         steps.append(timed(step))
         ideals.append(timed(ideal))
+        encodes.append(timed(encode))
     ms, mi = statistics.median(steps), statistics.median(ideals)
     print(f"device {device}, threads {torch.get_num_threads()}, batch {b}, resolution {r}, "
           f"precision {args.mixed_precision}, {args.repeats} pairs")
     print(f"step  median {ms * 1000:.1f} ms (min {min(steps) * 1000:.1f}, max {max(steps) * 1000:.1f})")
     print(f"ideal median {mi * 1000:.1f} ms (min {min(ideals) * 1000:.1f}, max {max(ideals) * 1000:.1f})")
-    print(f"ratio step/ideal {ms / mi:.3f}")
+    # Each step is timed next to its ideal, so the median of the pairs' ratios cancels slow drifts of a
+    # shared machine that the ratio of the two medians still carries.
+    paired = statistics.median(s / i for s, i in zip(steps, ideals))
+    print(f"ratio step/ideal {paired:.3f} (median of {args.repeats} paired ratios; ratio of medians {ms / mi:.3f})")
+    # VAE and text encoding are work of the step, but not the trainer's overhead: cached encodings remove them.
+    no_encode = statistics.median((s - e) / i for s, e, i in zip(steps, encodes, ideals))
+    print(f"encode median {statistics.median(encodes) * 1000:.1f} ms (VAE + text encoder); "
+          f"ratio (step - encode)/ideal {no_encode:.3f}")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
               f"trainable LoRA parameters {sum(p.numel() for p in params) / 1e6:.1f}M")

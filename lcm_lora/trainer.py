@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import export
-from .config import ConfigError, TrainConfig, to_yaml
+from .config import ConfigError, OptimArgs, TrainConfig, to_yaml
 from .data import load_source, make_dataloader
 from .distill import lcd_loss
 from .models import Teacher, adapter_disabled, attach_lora, load_teacher
@@ -61,6 +61,12 @@ def prepare_models(config: TrainConfig, teacher: Teacher, accelerator: Accelerat
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return unet
+
+
+def make_optimizer(params: list[torch.nn.Parameter], o: OptimArgs) -> torch.optim.AdamW:
+    """AdamW over the LoRA tensors, as the trainer and the step benchmark both build it."""
+    return torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
+                             weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
 
 
 def register_lora_checkpointing(accelerator: Accelerator) -> None:
@@ -175,9 +181,8 @@ def train(config: TrainConfig) -> Path:
     teacher = load_teacher(config.model)
     unet = prepare_models(config, teacher, accelerator)
     params = [p for p in unet.parameters() if p.requires_grad]  # a list: clipping must see them again
+    optimizer = make_optimizer(params, config.optim)
     o = config.optim
-    optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
-                                  weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
     lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=o.max_train_steps * accelerator.num_processes)
     dataloader = make_dataloader(load_source(config.data), teacher.tokenizer, config.data, o.train_batch_size,
