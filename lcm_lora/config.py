@@ -85,6 +85,9 @@ class DistillArgs:
     sigma_data: float = field(default=0.5, metadata=_help("sigma_data in the boundary scalings."))
     loss_type: str = field(default="huber", metadata=_help("l2 or huber (pseudo-Huber)."))
     huber_c: float = field(default=0.001, metadata=_help("c of the pseudo-Huber loss."))
+    ema_decay: float = field(default=0.0, metadata=_help(
+        "mu of the target network theta- = EMA of the LoRA (LCM paper); 0 targets the student itself, as "
+        "LCM-LoRA does. 0.99 removed multi-step drift on the tiny world (README, Known shortfalls)."))
 
 
 @dataclass
@@ -174,6 +177,8 @@ class TrainConfig:
             problems.append(f"--w_min ({c.distill.w_min}) must not exceed --w_max ({c.distill.w_max}).")
         if c.distill.loss_type not in LOSS_TYPES:
             problems.append(f"--loss_type must be one of {LOSS_TYPES}, got {c.distill.loss_type!r}.")
+        if not 0.0 <= c.distill.ema_decay < 1.0:
+            problems.append(f"--ema_decay must be in [0, 1) (0 = the student itself as target), got {c.distill.ema_decay}.")
         if c.run.mixed_precision not in MIXED_PRECISION:
             problems.append(f"--mixed_precision must be one of {MIXED_PRECISION}, got {c.run.mixed_precision!r}.")
         if c.optim.lr_scheduler not in LR_SCHEDULERS:

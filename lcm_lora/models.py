@@ -10,6 +10,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -88,3 +89,38 @@ def adapter_disabled(unet: UNet2DConditionModel):
         yield unet
     finally:
         unet.enable_adapters()
+
+
+class TargetEMA:
+    """The target network theta- <- mu theta- + (1 - mu) theta over the LoRA tensors (LCM, Algorithm 1).
+
+    A copy of the LoRA only (MBs), never of the UNet. `swapped_in` runs the UNet with theta- in place of
+    theta and restores theta bit for bit; Accelerate saves it in checkpoints through state_dict.
+    """
+
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], decay: float) -> None:
+        self.names, self.params, self.decay = list(named_params), list(named_params.values()), decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            s.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        live = [p.detach().clone() for p in self.params]
+        for p, s in zip(self.params, self.shadow):
+            p.data.copy_(s)
+        try:
+            yield
+        finally:
+            for p, v in zip(self.params, live):
+                p.data.copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"shadow": {n: s.clone() for n, s in zip(self.names, self.shadow)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, s in zip(self.names, self.shadow):
+            s.copy_(state["shadow"][n])

@@ -24,7 +24,7 @@ from . import export
 from .config import ConfigError, OptimArgs, TrainConfig, to_yaml
 from .data import load_source, make_dataloader
 from .distill import lcd_loss
-from .models import Teacher, adapter_disabled, attach_lora, load_teacher
+from .models import TargetEMA, Teacher, adapter_disabled, attach_lora, load_teacher
 from .schedule import ddim_timesteps
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,16 @@ def unet_fns(unet, raw_unet, dtype: torch.dtype):
     return student, teacher, target
 
 
+def ema_target(target, ema: TargetEMA):
+    """The target f_{theta-}: the same LoRA'd UNet with the EMA weights swapped in for the call."""
+
+    def fn(z, t, c):
+        with ema.swapped_in():
+            return target(z, t, c)
+
+    return fn
+
+
 @torch.no_grad()
 def encode_batch(teacher: Teacher, batch: dict, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 = scaled VAE latent sample (fp32) and c = CLIP last hidden state, from a data batch."""
@@ -198,6 +208,11 @@ def train(config: TrainConfig) -> Path:
                                   return_tensors="pt").input_ids.to(device)
         c_uncond = teacher.text_encoder(empty)[0]
     student, teacher_fn, target = unet_fns(unet, accelerator.unwrap_model(unet), dtype)
+    trainable = {n: p for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
+    ema = TargetEMA(trainable, config.distill.ema_decay) if config.distill.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+        target = ema_target(target, ema)
 
     global_step, skip_batches = 0, 0
     checkpoint = find_checkpoint(out, config.run.resume_from_checkpoint)
@@ -236,6 +251,8 @@ def train(config: TrainConfig) -> Path:
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
+            if ema is not None:
+                ema.update()
             # Maintenance once per optimizer step: log, checkpoint, validate.
             global_step += 1
             progress.update(1)

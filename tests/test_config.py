@@ -49,9 +49,9 @@ def test_bad_value_type_is_named(tmp_path):
 
 
 def test_validate_lists_every_problem_by_flag():
-    config = TrainConfig.from_flat_dict({"w_min": 9.0, "w_max": 3.0, "loss_type": "l1", "lora_rank": 0})
+    config = TrainConfig.from_flat_dict({"w_min": 9.0, "w_max": 3.0, "loss_type": "l1", "lora_rank": 0, "ema_decay": 1.0})
     problems = "\n".join(config.validate())
-    for flag in ("--pretrained_teacher_model", "--train_data_dir", "--w_min", "--loss_type", "--lora_rank"):
+    for flag in ("--pretrained_teacher_model", "--train_data_dir", "--w_min", "--loss_type", "--lora_rank", "--ema_decay"):
         assert flag in problems
 
 

@@ -72,3 +72,33 @@ def test_gradient_clipping_really_clips(data_dir, tmp_path):
     unclipped = _update_norm(data_dir, tmp_path / "a", max_grad_norm=0.0)
     clipped = _update_norm(data_dir, tmp_path / "b", max_grad_norm=1e-4)
     assert unclipped > 0 and clipped < unclipped / 10, (clipped, unclipped)
+
+
+def test_target_ema_updates_swaps_in_and_restores_exactly():
+    from lcm_lora.models import TargetEMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = TargetEMA({"p": p}, decay=0.9)
+    p.data.fill_(1.0)
+    ema.update()  # theta- = 0.9 * 0 + 0.1 * 1
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.1))
+    with ema.swapped_in():
+        assert torch.equal(p.data, ema.shadow[0])  # the target call sees theta-
+    assert torch.equal(p.data, torch.ones(3))  # and theta comes back bit for bit
+    other = TargetEMA({"p": torch.nn.Parameter(torch.zeros(3))}, decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.shadow[0], ema.shadow[0])
+
+
+def test_ema_target_is_checkpointed_and_lags_the_student(data_dir, tmp_path):
+    out = train(_config(data_dir, tmp_path, ema_decay=0.9))
+    custom = list((out / "checkpoint-2").glob("custom_checkpoint_*"))
+    assert len(custom) == 1, custom  # Accelerate saved theta- next to the LoRA
+    shadow = torch.load(custom[0], weights_only=True)["shadow"]
+    shadow_b = sum(v.abs().sum() for k, v in shadow.items() if "lora_B" in k)
+    live_b = sum(v.abs().sum() for k, v in load_file(out / "checkpoint-2" / LORA_CHECKPOINT_NAME).items() if "lora_B" in k)
+    # B starts at zero; after 2 steps theta-_B = 0.09 B_1 + 0.1 B_2: it moved, and lags the student.
+    assert 0 < shadow_b < 0.5 * live_b, (shadow_b, live_b)
+    # Resuming restores theta- and continues.
+    out = train(_config(data_dir, tmp_path, ema_decay=0.9, max_train_steps=3, resume_from_checkpoint="latest"))
+    assert (out / "checkpoint-3").is_dir()
