@@ -190,7 +190,8 @@ def train(config: TrainConfig) -> Path:
         set_seed(config.run.seed)
     teacher = load_teacher(config.model)
     unet = prepare_models(config, teacher, accelerator)
-    params = [p for p in unet.parameters() if p.requires_grad]  # a list: clipping must see them again
+    trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}  # the LoRA, named for the EMA
+    params = list(trainable.values())  # a list: clipping must see them again
     optimizer = make_optimizer(params, config.optim)
     o = config.optim
     lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * accelerator.num_processes,
@@ -208,7 +209,6 @@ def train(config: TrainConfig) -> Path:
                                   return_tensors="pt").input_ids.to(device)
         c_uncond = teacher.text_encoder(empty)[0]
     student, teacher_fn, target = unet_fns(unet, accelerator.unwrap_model(unet), dtype)
-    trainable = {n: p for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
     ema = TargetEMA(trainable, config.distill.ema_decay) if config.distill.ema_decay else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)

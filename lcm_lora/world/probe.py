@@ -18,9 +18,11 @@ import argparse
 import numpy as np
 import torch
 
+from ..config import DistillArgs
 from ..export import lcm_scheduler_settings
 from ..schedule import alpha_sigma, boundary_scalings
 from ..solver import consistency_fn, ddim_step, guide, to_x0_eps
+from .judge import to_tensor
 from .quality import HELD_OUT_SEED, Score, Scorer, held_out_prompts, load_pipeline
 from .scene import ATTRIBUTES, Scene, render
 
@@ -41,11 +43,14 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     return pipe.text_encoder(ids)[0]
 
 
-def noised_real_latents(pipe, scenes: list[Scene], t: int, seed: int = 0) -> torch.Tensor:
-    """z_t of real held-out renders of `scenes` (seeds disjoint from training), with seeded noise."""
+def real_latents(pipe, scenes: list[Scene]) -> torch.Tensor:
+    """x0: latents of real held-out renders of `scenes` (seeds disjoint from training)."""
     images = np.stack([render(s, HELD_OUT_SEED + 700_000 + i) for i, s in enumerate(scenes)])
-    x = torch.from_numpy(images).float().permute(0, 3, 1, 2) / 127.5 - 1
-    x0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    return pipe.vae.encode(to_tensor(images)).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def diffuse(pipe, x0: torch.Tensor, t: int, seed: int = 0) -> torch.Tensor:
+    """z_t = alpha_t x0 + sigma_t eps, with noise seeded per t."""
     alpha, sigma = alpha_sigma(pipe.scheduler.alphas_cumprod, torch.full((len(x0),), t), x0.ndim)
     return alpha * x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
 
@@ -79,13 +84,14 @@ def decode(pipe, latents: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def probe(pipe, scorer: Scorer, scenes: list[Scene], timesteps: list[int], name: str,
-          timestep_scaling: float = 10.0, solver: tuple[float, int] | None = None) -> list[Score]:
+          timestep_scaling: float = DistillArgs.timestep_scaling_factor, solver: tuple[float, int] | None = None) -> list[Score]:
     """One score per t: the model's one step from z_t, or with `solver` = (w, N) the guided solver's endpoint."""
     c = encode_prompts(pipe, [s.caption for s in scenes])
     c_uncond = encode_prompts(pipe, [""] * len(scenes)) if solver else None
+    x0_real = real_latents(pipe, scenes)  # rendered and encoded once, noised per t
     scores = []
     for t in timesteps:
-        z = noised_real_latents(pipe, scenes, t)
+        z = diffuse(pipe, x0_real, t)
         x0 = solver_endpoint(pipe, z, t, c, c_uncond, *solver) if solver else one_step(pipe, z, t, c, timestep_scaling)
         scores.append(scorer.score(decode(pipe, x0), scenes, name, t, 1.0))
     return scores
@@ -109,17 +115,17 @@ def main(argv: list[str] | None = None) -> None:
     names = list(ATTRIBUTES)
     print(f"| model | t | prompt acc. % | {' | '.join(names)} | Fréchet distance |")
     print("|---|---:|---:|" + "---:|" * len(names) + "---:|")
-    runs = [("teacher", None, 10.0)]
+    scores = probe(pipe, scorer, scenes, args.timesteps, "teacher")
     if args.solver_w is not None:
-        runs.append((f"teacher, guided DDIM w={args.solver_w:g} N={args.num_ddim_timesteps}",
-                     (args.solver_w, args.num_ddim_timesteps), 10.0))
+        scores += probe(pipe, scorer, scenes, args.timesteps,
+                        f"teacher, guided DDIM w={args.solver_w:g} N={args.num_ddim_timesteps}",
+                        solver=(args.solver_w, args.num_ddim_timesteps))
     if args.lora:
-        runs.append(("LoRA", None, lcm_scheduler_settings(args.lora).get("timestep_scaling", 10.0)))
-    for name, solver, scaling in runs:
-        if name == "LoRA":
-            pipe.load_lora_weights(args.lora)
-        for score in probe(pipe, scorer, scenes, args.timesteps, name, scaling, solver):
-            print(row(score), flush=True)
+        pipe.load_lora_weights(args.lora)
+        scaling = lcm_scheduler_settings(args.lora).get("timestep_scaling", DistillArgs.timestep_scaling_factor)
+        scores += probe(pipe, scorer, scenes, args.timesteps, "LoRA", scaling)
+    for score in scores:
+        print(row(score))
 
 
 if __name__ == "__main__":
