@@ -3,11 +3,12 @@
     python benchmarks/bench_step.py                          # bundled tiny teacher, CPU
     python benchmarks/bench_step.py --teacher DIR --resolution 512 --batch_size 4 --mixed_precision bf16  # a GPU
 
-"step" is the trainer's own step: VAE and text encoding, `lcd_loss` (student forward+backward at B,
-teacher forward at 2B, target forward at B), clipping and the optimizer. "ideal" is the three UNet
-calls alone on the same tensors. The ratio step / ideal is what the trainer adds around the UNet;
-"encode" (VAE and text encoder alone) says how much of that is encoding, which cached encodings remove.
-Timings alternate step, ideal, encode, step, ... and the medians of the paired ratios are printed.
+"step" is the trainer's own step from images: VAE and text encoding, `lcd_loss` (student forward+backward
+at B, teacher forward at 2B, target forward at B), clipping and the optimizer. "cached" is the same step
+from cached encodings (`lcm-lora cache`, `--cache_dir`): a posterior sample instead of the encoders.
+"ideal" is the three UNet calls alone on the same tensors. The ratios step / ideal and cached / ideal
+are what the trainer adds around the UNet. Timings alternate step, ideal, cached, step, ... and the
+medians of the paired ratios are printed.
 """
 
 from __future__ import annotations
@@ -55,18 +56,28 @@ def main() -> None:
     b, r = args.batch_size, args.resolution
     batch = {"pixel_values": torch.rand(b, 3, r, r) * 2 - 1,
              "input_ids": teacher.tokenizer(["a red circle"] * b, padding="max_length", return_tensors="pt").input_ids}
-    x0, c = encode_batch(teacher, batch, device, dtype)
+    scaling = teacher.vae.config.scaling_factor
+    x0, c = encode_batch(teacher, batch, device, dtype, scaling)
+    with torch.no_grad():
+        cached = {"latent_parameters": teacher.vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.parameters,
+                  "encoder_hidden_states": c}
     t = torch.full((b,), 499, device=device)
 
-    def step() -> None:
+    def train_step(data: dict) -> None:
         with accelerator.autocast():
-            x0, c = encode_batch(teacher, batch, device, dtype)
+            x0, c = encode_batch(teacher, data, device, dtype, scaling)
             loss = lcd_loss(student, teacher_fn, target, x0, c, c, alphas_cumprod, tau, config.distill,
                             teacher.prediction_type).mean()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        train_step(batch)
+
+    def cached_step() -> None:
+        train_step(cached)
 
     def ideal() -> None:
         with accelerator.autocast():
@@ -84,29 +95,24 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    def encode() -> None:
-        encode_batch(teacher, batch, device, dtype)
-
-    for fn in (step, ideal, encode, step, ideal, encode):  # warm-up
+    for fn in (step, ideal, cached_step, step, ideal, cached_step):  # warm-up
         fn()
-    steps, ideals, encodes = [], [], []
+    steps, ideals, cacheds = [], [], []
     for _ in range(args.repeats):
         steps.append(timed(step))
         ideals.append(timed(ideal))
-        encodes.append(timed(encode))
-    ms, mi = statistics.median(steps), statistics.median(ideals)
+        cacheds.append(timed(cached_step))
     print(f"device {device}, threads {torch.get_num_threads()}, batch {b}, resolution {r}, "
-          f"precision {args.mixed_precision}, {args.repeats} pairs")
-    print(f"step  median {ms * 1000:.1f} ms (min {min(steps) * 1000:.1f}, max {max(steps) * 1000:.1f})")
-    print(f"ideal median {mi * 1000:.1f} ms (min {min(ideals) * 1000:.1f}, max {max(ideals) * 1000:.1f})")
+          f"precision {args.mixed_precision}, {args.repeats} triples")
+    for name, times in (("step", steps), ("ideal", ideals), ("cached", cacheds)):
+        print(f"{name:6} median {statistics.median(times) * 1000:.1f} ms "
+              f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f})")
     # Each step is timed next to its ideal, so the median of the pairs' ratios cancels slow drifts of a
     # shared machine that the ratio of the two medians still carries.
-    paired = statistics.median(s / i for s, i in zip(steps, ideals))
-    print(f"ratio step/ideal {paired:.3f} (median of {args.repeats} paired ratios; ratio of medians {ms / mi:.3f})")
-    # VAE and text encoding are work of the step, but not the trainer's overhead: cached encodings remove them.
-    no_encode = statistics.median((s - e) / i for s, e, i in zip(steps, encodes, ideals))
-    print(f"encode median {statistics.median(encodes) * 1000:.1f} ms (VAE + text encoder); "
-          f"ratio (step - encode)/ideal {no_encode:.3f}")
+    for name, times in (("step", steps), ("cached", cacheds)):
+        paired = statistics.median(s / i for s, i in zip(times, ideals))
+        print(f"ratio {name}/ideal {paired:.3f} (median of {args.repeats} paired ratios; "
+              f"ratio of medians {statistics.median(times) / statistics.median(ideals):.3f})")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
               f"trainable LoRA parameters {sum(p.numel() for p in params) / 1e6:.1f}M")

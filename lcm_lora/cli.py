@@ -1,6 +1,7 @@
 """The `lcm-lora` command: the only reader of sys.argv.
 
     lcm-lora train --config configs/tiny.yaml [--flag value ...] [--dry-run]
+    lcm-lora cache --config configs/tiny.yaml --cache_dir cache/tiny-eps   # encode the data once
     lcm-lora generate --pretrained_model teacher-eps --lora output/tiny-eps --prompt "a red circle ..."
     lcm-lora export --checkpoint output/tiny-eps/checkpoint-400 --output_dir exported/
     lcm-lora world dataset|quality|build ...
@@ -30,9 +31,37 @@ def train_main(argv: list[str] | None = None) -> None:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    from .data import DataError
     from .trainer import train
 
-    train(config)
+    try:
+        train(config)
+    except DataError as err:  # checkpoints already written stay; the message says what to fix
+        sys.exit(f"error: {err}")
+
+
+def cache_main(argv: list[str] | None = None) -> None:
+    """Encode a data source once: the training flags pick teacher, data and resolution; --cache_dir
+    names the folder to write."""
+    import dataclasses
+
+    from .config import ConfigError, parse_train_args
+    from .data import DataError
+
+    try:
+        config, _ = parse_train_args(argv)
+        out = config.data.cache_dir
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_dir=None))
+        problems = config.validate() + ([] if out else ["--cache_dir is required: the folder to write the cache to."])
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        from .caching import write_cache
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        manifest = write_cache(config, out, device=device)
+    except (ConfigError, DataError, FileExistsError) as err:
+        sys.exit(f"error: {err}")
+    print(f"wrote {manifest['num_samples']} samples to {out} (skipped: {manifest['skipped'] or 'none'})")
 
 
 def generate_main(argv: list[str] | None = None) -> None:
@@ -86,7 +115,7 @@ def world_main(argv: list[str]) -> None:
     commands[argv[0]](argv[1:])
 
 
-COMMANDS = {"train": train_main, "generate": generate_main, "export": export_main, "world": world_main}
+COMMANDS = {"train": train_main, "cache": cache_main, "generate": generate_main, "export": export_main, "world": world_main}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,8 +49,12 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     train_data_dir: str | None = field(default=None, metadata=_help(
-        "An imagefolder: images plus metadata.jsonl/csv with file_name and a caption column."))
-    dataset_name: str | None = field(default=None, metadata=_help("A Hugging Face dataset name or local path."))
+        "A folder: an imagefolder (images + metadata.jsonl/csv/parquet), or images with same-name .txt or "
+        ".caption files (searched recursively, one caption per line)."))
+    dataset_name: str | None = field(default=None, metadata=_help(
+        "A Hugging Face dataset: hub name, local folder, save_to_disk folder, or a .parquet/.arrow/.csv/.jsonl file."))
+    cache_dir: str | None = field(default=None, metadata=_help(
+        "Train from encodings written by `lcm-lora cache` (no VAE or text encoder in memory)."))
     dataset_config_name: str | None = field(default=None, metadata=_help("The dataset's configuration name."))
     image_column: str = field(default="image", metadata=_help("Column holding the images."))
     caption_column: str = field(default="text", metadata=_help("Column holding the captions."))
@@ -59,6 +63,8 @@ class DataArgs:
     random_flip: bool = field(default=False, metadata=_help("Randomly flip images horizontally."))
     proportion_empty_prompts: float = field(default=0.0, metadata=_help("Share of captions replaced by ''."))
     max_train_samples: int | None = field(default=None, metadata=_help("Use only this many samples."))
+    max_bad_samples_fraction: float = field(default=0.05, metadata=_help(
+        "Stop when more than this share of samples read are unusable (checked from 200 samples on)."))
     dataloader_num_workers: int = field(default=0, metadata=_help("Data-loading worker processes (0: main)."))
 
 
@@ -167,10 +173,16 @@ class TrainConfig:
             problems.append("--pretrained_teacher_model is required (a hub id, a folder, or teacher-eps).")
         if c.model.prediction_type not in (None, *PREDICTION_TYPES):
             problems.append(f"--prediction_type must be one of {PREDICTION_TYPES}, got {c.model.prediction_type!r}.")
-        if not (c.data.train_data_dir or c.data.dataset_name):
-            problems.append("give --train_data_dir (an imagefolder) or --dataset_name.")
-        if c.data.train_data_dir and c.data.dataset_name:
-            problems.append("give only one of --train_data_dir and --dataset_name.")
+        sources = [flag for flag in ("train_data_dir", "dataset_name", "cache_dir") if _get(c, flag)]
+        if not sources:
+            problems.append("give --train_data_dir (a folder), --dataset_name or --cache_dir.")
+        if len(sources) > 1:
+            problems.append(f"give only one of --{', --'.join(sources)}.")
+        if c.data.cache_dir and (c.data.random_flip or not c.data.center_crop):
+            problems.append("--cache_dir holds one center crop per image: drop --random_flip and "
+                            "--center_crop false, or train from the images.")
+        if not 0 <= c.data.max_bad_samples_fraction <= 1:
+            problems.append("--max_bad_samples_fraction must be within [0, 1].")
         if not 0 <= c.data.proportion_empty_prompts <= 1:
             problems.append("--proportion_empty_prompts must be within [0, 1].")
         if c.distill.w_min > c.distill.w_max:

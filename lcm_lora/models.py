@@ -21,10 +21,10 @@ from .world import assets
 
 @dataclass
 class Teacher:
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
+    tokenizer: CLIPTokenizer | None  # None (with text_encoder and vae) when training from cached encodings
+    text_encoder: CLIPTextModel | None
+    vae: AutoencoderKL | None
+    unet: UNet2DConditionModel | None  # None when only the encoders are needed (writing a cache)
     noise_scheduler: DDPMScheduler  # only its alphas_cumprod table is used
     prediction_type: str
     source: str
@@ -37,7 +37,8 @@ def resolve_teacher(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_teacher(args: ModelArgs) -> Teacher:
+def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> Teacher:
+    """The teacher's parts from a hub id or folder; `encoders` / `unet` False leave those out."""
     source = resolve_teacher(args.pretrained_teacher_model)
     if Path(source).exists() and not (Path(source) / "unet").is_dir():
         raise FileNotFoundError(
@@ -50,11 +51,17 @@ def load_teacher(args: ModelArgs) -> Teacher:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"{source}: prediction type {prediction_type!r} is not one of {PREDICTION_TYPES}; "
                          "set --prediction_type.")
+    tokenizer = text_encoder = vae = None
+    if encoders:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=args.revision)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant, **common)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
     return Teacher(
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=args.revision),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant, **common),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common),
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common)
+        if unet else None,
         noise_scheduler=noise_scheduler,
         prediction_type=prediction_type,
         source=args.pretrained_teacher_model,
@@ -124,3 +131,26 @@ class TargetEMA:
     def load_state_dict(self, state: dict) -> None:
         for n, s in zip(self.names, self.shadow):
             s.copy_(state["shadow"][n])
+
+
+def teacher_fingerprint(args: ModelArgs) -> dict:
+    """What a cache of encodings depends on: the teacher's id or absolute folder, revision and variant,
+    and a hash of its VAE and text-encoder configs (read from config files, no weights loaded)."""
+    import hashlib
+    import json
+
+    from transformers import CLIPTextConfig
+
+    source = resolve_teacher(args.pretrained_teacher_model)
+    configs = {
+        "vae": dict(AutoencoderKL.load_config(source, subfolder="vae", revision=args.revision)),
+        "text_encoder": CLIPTextConfig.from_pretrained(source, subfolder="text_encoder",
+                                                       revision=args.revision).to_diff_dict(),
+    }
+    for config in configs.values():  # bookkeeping that changes with library versions, not the model
+        for key in [k for k in config if k.startswith("_") or k == "transformers_version"]:
+            config.pop(key)
+    digest = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    name = args.pretrained_teacher_model
+    teacher = name if name in assets.BUNDLED or not Path(source).exists() else str(Path(source).resolve())
+    return {"teacher": teacher, "revision": args.revision, "variant": args.variant, "encoder_configs": digest}

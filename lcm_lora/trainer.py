@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from tqdm.auto import tqdm
 
 from . import export
 from .config import ConfigError, OptimArgs, TrainConfig, to_yaml
-from .data import load_source, make_dataloader
+from .data import BadSampleLog, load_source, make_dataloader
+from .data.cache import make_cached_dataloader, read_manifest, sample_latents
 from .distill import lcd_loss
-from .models import TargetEMA, Teacher, adapter_disabled, attach_lora, load_teacher
+from .models import TargetEMA, Teacher, adapter_disabled, attach_lora, load_teacher, teacher_fingerprint
 from .schedule import ddim_timesteps
 
 logger = logging.getLogger(__name__)
@@ -32,10 +34,17 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 
+def cpu_processes() -> bool:
+    """True for several processes without GPUs (torchrun on CPU): Accelerate then needs cpu=True to
+    start gloo; without it each process silently trains alone, all writing the same output_dir."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     out = Path(config.run.output_dir)
     report_to = None if config.run.report_to == "none" else config.run.report_to
     return Accelerator(
+        cpu=cpu_processes(),
         gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
         mixed_precision=config.run.mixed_precision,
         log_with=report_to,
@@ -47,7 +56,8 @@ def prepare_models(config: TrainConfig, teacher: Teacher, accelerator: Accelerat
     """Freeze encoders in the run's dtype; put an fp32 LoRA on the UNet; set speed switches."""
     dtype, device = WEIGHT_DTYPES[config.run.mixed_precision], accelerator.device
     for module in (teacher.vae, teacher.text_encoder):
-        module.requires_grad_(False).to(device, dtype).eval()
+        if module is not None:  # None when training from cached encodings
+            module.requires_grad_(False).to(device, dtype).eval()
     unet = attach_lora(teacher.unet.to(device, dtype), config.lora)
     if config.run.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -172,11 +182,27 @@ def ema_target(target, ema: TargetEMA):
 
 
 @torch.no_grad()
-def encode_batch(teacher: Teacher, batch: dict, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x0 = scaled VAE latent sample (fp32) and c = CLIP last hidden state, from a data batch."""
+def encode_batch(teacher: Teacher, batch: dict, device, dtype: torch.dtype,
+                 scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 = scaled VAE latent sample (fp32) and c = CLIP last hidden state, from pixels and token ids
+    or from cached encodings (the same posterior sample, drawn from the stored distribution)."""
+    if "latent_parameters" in batch:
+        return (sample_latents(batch["latent_parameters"].to(device), scaling_factor),
+                batch["encoder_hidden_states"].to(device, dtype))
     pixels = batch["pixel_values"].to(device, dtype)
-    x0 = teacher.vae.encode(pixels).latent_dist.sample().float() * teacher.vae.config.scaling_factor
+    x0 = teacher.vae.encode(pixels).latent_dist.sample().float() * scaling_factor
     return x0, teacher.text_encoder(batch["input_ids"].to(device))[0]
+
+
+def make_data(config: TrainConfig, teacher: Teacher):
+    """(data loader, empty-prompt embedding or None, VAE scaling factor) for images or a cache."""
+    d, o, seed = config.data, config.optim, config.run.seed or 0
+    if d.cache_dir:
+        manifest = read_manifest(d.cache_dir, teacher_fingerprint(config.model), d.resolution)
+        loader, empty = make_cached_dataloader(d, manifest, o.train_batch_size, seed)
+        return loader, empty, manifest["scaling_factor"]
+    loader = make_dataloader(load_source(d), teacher.tokenizer, d, o.train_batch_size, seed)
+    return loader, None, teacher.vae.config.scaling_factor
 
 
 def train(config: TrainConfig) -> Path:
@@ -188,7 +214,7 @@ def train(config: TrainConfig) -> Path:
     accelerator = make_accelerator(config)
     if config.run.seed is not None:
         set_seed(config.run.seed)
-    teacher = load_teacher(config.model)
+    teacher = load_teacher(config.model, encoders=not config.data.cache_dir)
     unet = prepare_models(config, teacher, accelerator)
     trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}  # the LoRA, named for the EMA
     params = list(trainable.values())  # a list: clipping must see them again
@@ -196,18 +222,20 @@ def train(config: TrainConfig) -> Path:
     o = config.optim
     lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=o.max_train_steps * accelerator.num_processes)
-    dataloader = make_dataloader(load_source(config.data), teacher.tokenizer, config.data, o.train_batch_size,
-                                 config.run.seed or 0)
+    dataloader, c_uncond, scaling_factor = make_data(config, teacher)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     register_lora_checkpointing(accelerator)
 
     device, dtype = accelerator.device, WEIGHT_DTYPES[config.run.mixed_precision]
     alphas_cumprod = teacher.noise_scheduler.alphas_cumprod.to(device, torch.float32)
     tau = ddim_timesteps(teacher.noise_scheduler.config.num_train_timesteps, config.distill.num_ddim_timesteps).to(device)
-    with torch.no_grad(), accelerator.autocast():
-        empty = teacher.tokenizer([""], padding="max_length", max_length=teacher.tokenizer.model_max_length,
-                                  return_tensors="pt").input_ids.to(device)
-        c_uncond = teacher.text_encoder(empty)[0]
+    if c_uncond is None:
+        with torch.no_grad(), accelerator.autocast():
+            empty = teacher.tokenizer([""], padding="max_length", max_length=teacher.tokenizer.model_max_length,
+                                      return_tensors="pt").input_ids.to(device)
+            c_uncond = teacher.text_encoder(empty)[0]
+    c_uncond = c_uncond.to(device, dtype)
+    bad_samples = BadSampleLog(config.data.max_bad_samples_fraction)
     student, teacher_fn, target = unet_fns(unet, accelerator.unwrap_model(unet), dtype)
     ema = TargetEMA(trainable, config.distill.ema_decay) if config.distill.ema_decay else None
     if ema is not None:
@@ -239,8 +267,9 @@ def train(config: TrainConfig) -> Path:
             batches = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in batches:
             # Accumulate gradients.
+            bad_samples.add(batch)
             with accelerator.accumulate(unet), accelerator.autocast():
-                x0, c = encode_batch(teacher, batch, device, dtype)
+                x0, c = encode_batch(teacher, batch, device, dtype, scaling_factor)
                 loss = lcd_loss(student, teacher_fn, target, x0, c, c_uncond.expand_as(c), alphas_cumprod, tau,
                                 config.distill, teacher.prediction_type).mean()
                 accelerator.backward(loss)
@@ -269,6 +298,7 @@ def train(config: TrainConfig) -> Path:
         if global_step >= o.max_train_steps:
             break
     progress.close()
+    accelerator.print(f"data: {bad_samples.summary()}" + (" on the main process" if accelerator.num_processes > 1 else ""))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path = export_lora(accelerator, unet, config, teacher, global_step, out)

@@ -37,13 +37,14 @@ def test_missing_column_is_named_with_the_columns_that_exist(folder):
 def test_resize_crop_and_flip():
     rng = random.Random(0)
     image = Image.fromarray(np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (100, 1, 3)))  # 200x100 ramp
-    center = preprocess_image(image, 50, center_crop=True, random_flip=False, rng=rng)
+    center, geometry = preprocess_image(image, 50, center_crop=True, random_flip=False, rng=rng)
     assert center.shape == (3, 50, 50)
     # Short side 100 -> 50 halves the width to 100; the center crop keeps columns 25..75 of the ramp.
     assert center[0, 0, 0] > -0.8 and center[0, 0, -1] < 0.8
-    flips = {bool(preprocess_image(image, 50, True, True, rng)[0, 0, 0] > 0) for _ in range(20)}
+    assert geometry == {"original_size": (100, 200), "crop_top_left": (0, 25), "flipped": False}
+    flips = {bool(preprocess_image(image, 50, True, True, rng)[0][0, 0, 0] > 0) for _ in range(20)}
     assert flips == {True, False}
-    crops = {preprocess_image(image, 50, False, False, rng)[0, 0, 0].item() for _ in range(20)}
+    crops = {preprocess_image(image, 50, False, False, rng)[1]["crop_top_left"] for _ in range(20)}
     assert len(crops) > 1
 
 

@@ -1,0 +1,112 @@
+"""Write cached encodings (`lcm-lora cache`): each usable sample encoded once by the teacher's VAE
+and text encoder, in the layout `lcm_lora.data.cache` documents. Bad samples are skipped and counted
+exactly as in training; the cache is written to a temporary folder and renamed when complete."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import BadSample, BadSampleLog, load_source, open_image, preprocess_image
+from .data.cache import EMPTY, FORMAT, MANIFEST
+from .data.loader import check_caption, sample_name
+from .models import load_teacher, teacher_fingerprint
+
+SHARD_SIZE = 4096
+
+
+def _captions(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+@torch.no_grad()
+def _encode_text(teacher, captions: list[str], device) -> torch.Tensor:
+    ids = teacher.tokenizer(captions, padding="max_length", max_length=teacher.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+    return teacher.text_encoder(ids.to(device))[0].float().cpu()
+
+
+class ShardWriter:
+    def __init__(self, out: Path) -> None:
+        self.out, self.shards, self.rows = out, [], []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) == SHARD_SIZE:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        offsets = torch.tensor([0] + [len(r["text_embeds"]) for r in self.rows]).cumsum(0)
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file({
+            "latent_parameters": torch.stack([r["latent_parameters"] for r in self.rows]).contiguous(),
+            "text_embeds": torch.cat([r["text_embeds"] for r in self.rows]).contiguous(),
+            "caption_offsets": offsets,
+            "original_size": torch.tensor([r["original_size"] for r in self.rows]),
+            "crop_top_left": torch.tensor([r["crop_top_left"] for r in self.rows]),
+        }, str(self.out / name))
+        self.shards.append({"file": name, "num_samples": len(self.rows)})
+        self.rows = []
+
+
+@torch.no_grad()
+def write_cache(config: TrainConfig, cache_dir: str | Path, batch_size: int = 64, device: str = "cpu") -> dict:
+    """Encode `config`'s data source with its teacher into `cache_dir`; returns the manifest."""
+    a = config.data
+    final = Path(cache_dir)
+    if (final / MANIFEST).exists():
+        raise FileExistsError(f"{final} already holds a cache; remove it or choose another folder.")
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    teacher = load_teacher(config.model, unet=False)
+    teacher.vae.to(device).eval()
+    teacher.text_encoder.to(device).eval()
+    ds, log, writer, rng = load_source(a), BadSampleLog(a.max_bad_samples_fraction), ShardWriter(tmp), random.Random(0)
+    for start in tqdm(range(0, len(ds), batch_size), desc="cache"):
+        good, skipped = [], []
+        for index in range(start, min(start + batch_size, len(ds))):
+            row = ds[index]
+            try:
+                check_caption(row.get(a.caption_column))
+                pixels, geometry = preprocess_image(open_image(row[a.image_column]), a.resolution, True, False, rng)
+                good.append((pixels, geometry, _captions(row[a.caption_column])))
+            except BadSample as err:
+                skipped.append((sample_name(row, a.image_column, index), str(err)))
+        log.add({"pixel_values": good, "skipped": skipped})
+        if not good:
+            continue
+        pixels = torch.stack([g[0] for g in good]).to(device)
+        parameters = teacher.vae.encode(pixels).latent_dist.parameters.float().cpu()
+        counts = [len(g[2]) for g in good]
+        embeds = _encode_text(teacher, [c for g in good for c in g[2]], device).split(counts)
+        for (_, geometry, _), params, text_embeds in zip(good, parameters, embeds):
+            writer.add({"latent_parameters": params, "text_embeds": text_embeds,
+                        "original_size": geometry["original_size"], "crop_top_left": geometry["crop_top_left"]})
+    writer.flush()
+    save_file({"empty_embed": _encode_text(teacher, [""], device)}, str(tmp / EMPTY))
+    manifest = {
+        "format": FORMAT,
+        "teacher": teacher_fingerprint(config.model),
+        "resolution": a.resolution,
+        "preprocessing": {"center_crop": True, "random_flip": False},
+        "scaling_factor": teacher.vae.config.scaling_factor,
+        "source": {"train_data_dir": a.train_data_dir, "dataset_name": a.dataset_name,
+                   "image_column": a.image_column, "caption_column": a.caption_column},
+        "num_samples": sum(s["num_samples"] for s in writer.shards),
+        "shards": writer.shards,
+        "skipped": dict(log.reasons),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)  # an empty or partial folder: the check above saw no manifest
+    tmp.rename(final)
+    return manifest

@@ -1,0 +1,118 @@
+"""Cached encodings: VAE latent distributions and text embeddings in safetensors shards + a manifest.
+
+    cache_dir/manifest.json          teacher fingerprint, resolution, preprocessing, shards, skipped samples
+    cache_dir/empty.safetensors      the empty prompt's embedding (for CFG's unconditional branch)
+    cache_dir/shard-00000.safetensors
+        latent_parameters [n, 2C, h, w]  the VAE posterior's (mean, logvar), as diffusers' latent_dist.parameters
+        text_embeds [m, L, D]            every caption of every sample, in order
+        caption_offsets [n + 1]          sample i's captions are text_embeds[offsets[i]:offsets[i + 1]]
+        original_size, crop_top_left [n, 2]
+
+Training draws x0 ~ N(mean, std) each step from the stored distribution with the same call diffusers'
+`latent_dist.sample()` makes, and picks captions with the same random calls as the image loader, so a
+cached run matches an uncached one with the same seed. Writing the cache lives in `lcm_lora.caching`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ..config import DataArgs
+from .loader import pick_caption, shuffled_loader, worker_rng
+from .sources import DataError
+
+FORMAT = "lcm-lora-cache/1"
+MANIFEST = "manifest.json"
+EMPTY = "empty.safetensors"
+
+
+def read_manifest(cache_dir: str | Path, fingerprint: dict, resolution: int) -> dict:
+    """The manifest, after refusing a cache written for another teacher or resolution."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"--cache_dir {cache_dir}: no {MANIFEST}. Write a cache with `lcm-lora cache`.")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"--cache_dir {cache_dir}: format {manifest.get('format')!r}, this version reads {FORMAT!r}. "
+                        "Write the cache again with `lcm-lora cache`.")
+    for key, value in fingerprint.items():
+        if manifest["teacher"].get(key) != value:
+            raise DataError(f"--cache_dir {cache_dir} was written for another teacher ({key}: "
+                            f"{manifest['teacher'].get(key)!r}, this run: {value!r}). Write a cache for this "
+                            "teacher with `lcm-lora cache`, or train with the cache's teacher.")
+    if manifest["resolution"] != resolution:
+        raise DataError(f"--cache_dir {cache_dir} holds --resolution {manifest['resolution']}, this run asks for "
+                        f"{resolution}. Write a cache at {resolution} or train at {manifest['resolution']}.")
+    return manifest
+
+
+class CachedEncodings(torch.utils.data.Dataset):
+    """Sample i -> (latent parameters, caption embeddings, geometry), read lazily from the shards."""
+
+    def __init__(self, cache_dir: str | Path, manifest: dict) -> None:
+        self.dir, self.shards = Path(cache_dir), [s["file"] for s in manifest["shards"]]
+        sizes = torch.tensor([s["num_samples"] for s in manifest["shards"]])
+        self.starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        self.handles: dict[int, object] = {}  # opened per worker process
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _shard(self, k: int):
+        if k not in self.handles:
+            self.handles[k] = safe_open(str(self.dir / self.shards[k]), framework="pt")
+        return self.handles[k]
+
+    def __getitem__(self, index: int) -> dict:
+        k = int(torch.searchsorted(self.starts, torch.tensor(index), right=True)) - 1
+        f, i = self._shard(k), index - int(self.starts[k])
+        begin, end = f.get_slice("caption_offsets")[i : i + 2].tolist()
+        return {
+            "latent_parameters": f.get_slice("latent_parameters")[i],
+            "text_embeds": f.get_slice("text_embeds")[begin:end],
+            "original_size": f.get_slice("original_size")[i],
+            "crop_top_left": f.get_slice("crop_top_left")[i],
+        }
+
+    def __getstate__(self) -> dict:  # file handles do not pickle into workers; reopen there
+        return {**self.__dict__, "handles": {}}
+
+
+class CachedCollate:
+    def __init__(self, empty_embed: torch.Tensor, proportion_empty: float, seed: int) -> None:
+        self.empty, self.proportion_empty, self.seed = empty_embed, proportion_empty, seed
+        self.rng: random.Random | None = None
+
+    def __call__(self, samples: list[dict]) -> dict:
+        self.rng = self.rng or worker_rng(self.seed)
+        embeds = []
+        for s in samples:
+            index = pick_caption(list(range(len(s["text_embeds"]))), self.proportion_empty, self.rng)
+            embeds.append(self.empty if index == "" else s["text_embeds"][index])
+        return {
+            "latent_parameters": torch.stack([s["latent_parameters"] for s in samples]),
+            "encoder_hidden_states": torch.stack(embeds),
+            "original_size": torch.stack([s["original_size"] for s in samples]),
+            "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
+            "skipped": [],
+        }
+
+
+def make_cached_dataloader(args: DataArgs, manifest: dict, batch_size: int, seed: int):
+    """(data loader, empty-prompt embedding [1, L, D]) over a cache; shuffled like the image loader."""
+    empty = load_file(str(Path(args.cache_dir) / EMPTY))["empty_embed"]
+    loader = shuffled_loader(CachedEncodings(args.cache_dir, manifest),
+                             CachedCollate(empty[0], args.proportion_empty_prompts, seed), args, batch_size, seed)
+    return loader, empty
+
+
+def sample_latents(parameters: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """x0 = scaled sample of the stored posterior: the call `vae.encode(x).latent_dist.sample()` makes."""
+    return DiagonalGaussianDistribution(parameters.float()).sample() * scaling_factor

@@ -1,0 +1,163 @@
+"""Rows -> training batches, skipping bad samples with a count instead of stopping the run.
+
+Batch format (every source): {"pixel_values": float [B, 3, H, W] in [-1, 1], "input_ids": long [B, L],
+"original_size": long [B, 2] (h, w), "crop_top_left": long [B, 2], "skipped": [(name, reason), ...]}.
+A bad sample is replaced by a randomly drawn other one, so batches keep their size (DDP and gradient
+accumulation stay in step); what was skipped travels with the batch to the trainer's BadSampleLog.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+
+import torch
+
+from ..config import DataArgs
+from .images import BadSample, open_image, preprocess_image
+from .sources import DataError
+
+logger = logging.getLogger(__name__)
+MAX_REPLACEMENTS = 32  # bad samples in a row before the source is called unusable
+WARN_FIRST, WARN_EVERY = 10, 100  # per reason: warn for the first ten, then every hundredth
+MIN_SAMPLES_FOR_FRACTION = 200  # --max_bad_samples_fraction is enforced once this many were read
+
+
+def pick_caption(caption, proportion_empty: float, rng: random.Random):
+    """One caption: a random one of several, or '' for `proportion_empty` of samples (for CFG).
+
+    Always one rng.choice, even of one caption, so a cache (captions stored as lists) draws the
+    same random numbers as the image loader."""
+    if rng.random() < proportion_empty:
+        return ""
+    return rng.choice([caption] if isinstance(caption, str) else list(caption))
+
+
+def check_caption(caption) -> None:
+    if isinstance(caption, str):
+        caption = [caption]
+    if not isinstance(caption, (list, tuple)) or not any(isinstance(c, str) and c.strip() for c in caption):
+        raise BadSample("missing or empty caption")
+
+
+def sample_name(row: dict, image_column: str, index: int) -> str:
+    value = row.get(image_column)
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    return str(value) if isinstance(value, str) else f"row {index}"
+
+
+def worker_rng(seed: int) -> random.Random:
+    """The calling process's random stream: data-loader workers must not repeat each other's crops and
+    captions, and the main process (0 workers) keeps the plain seed."""
+    info = torch.utils.data.get_worker_info()
+    return random.Random(seed + (0 if info is None else 1_000_003 * (info.id + 1)))
+
+
+class Collate:
+    """Decodes, preprocesses and tokenizes rows; runs in the data-loader workers (picklable)."""
+
+    def __init__(self, ds, args: DataArgs, tokenizer, seed: int) -> None:
+        self.ds, self.args, self.tokenizer, self.seed = ds, args, tokenizer, seed
+        self.rng: random.Random | None = None
+
+    def _rng(self) -> random.Random:
+        if self.rng is None:
+            self.rng = worker_rng(self.seed)
+        return self.rng
+
+    def _sample(self, index: int, row: dict) -> tuple[torch.Tensor, dict, str]:
+        a, rng = self.args, self._rng()
+        caption = row.get(a.caption_column)
+        check_caption(caption)
+        image = open_image(row[a.image_column])
+        pixels, geometry = preprocess_image(image, a.resolution, a.center_crop, a.random_flip, rng)
+        return pixels, geometry, pick_caption(caption, a.proportion_empty_prompts, rng)
+
+    def __call__(self, rows: list[tuple[int, dict]]) -> dict:
+        samples, skipped = [], []
+        for index, row in rows:
+            for _ in range(MAX_REPLACEMENTS):
+                try:
+                    samples.append(self._sample(index, row))
+                    break
+                except BadSample as err:
+                    skipped.append((sample_name(row, self.args.image_column, index), str(err)))
+                    index = self._rng().randrange(len(self.ds))
+                    row = self.ds[index]
+            else:
+                raise DataError(f"{MAX_REPLACEMENTS} bad samples in a row, last: {skipped[-1][0]}: "
+                                f"{skipped[-1][1]}. Check the data source.")
+        pixels, geometry, captions = zip(*samples)
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return {
+            "pixel_values": torch.stack(pixels),
+            "input_ids": ids,
+            "original_size": torch.tensor([g["original_size"] for g in geometry]),
+            "crop_top_left": torch.tensor([g["crop_top_left"] for g in geometry]),
+            "skipped": skipped,
+        }
+
+
+class IndexedRows(torch.utils.data.Dataset):
+    """(index, row) pairs, so a skipped sample can be named even when it has no path."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        return index, self.ds[index]
+
+
+def shuffled_loader(dataset, collate, args: DataArgs, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    """The one loader shape of every source: seeded shuffle, full batches, optional workers."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
+        persistent_workers=args.dataloader_num_workers > 0,
+    )
+
+
+def make_dataloader(ds, tokenizer, args: DataArgs, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    return shuffled_loader(IndexedRows(ds), Collate(ds, args, tokenizer, seed), args, batch_size, seed)
+
+
+class BadSampleLog:
+    """Counts skipped samples by reason, warns at a limited rate, and stops past the allowed share."""
+
+    def __init__(self, max_fraction: float) -> None:
+        self.max_fraction, self.used, self.reasons = max_fraction, 0, Counter()
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
+
+    def add(self, batch: dict) -> None:
+        self.used += len(batch.get("pixel_values", batch.get("latent_parameters", ())))
+        for name, reason in batch.get("skipped", ()):
+            kind = reason.split(" (")[0]
+            self.reasons[kind] += 1
+            n = self.reasons[kind]
+            if n <= WARN_FIRST or n % WARN_EVERY == 0:
+                logger.warning("skipped %s: %s (%d skipped for this reason so far)", name, reason, n)
+        read = self.used + self.skipped
+        if read >= MIN_SAMPLES_FOR_FRACTION and self.skipped > self.max_fraction * read:
+            raise DataError(f"{self.skipped} of {read} samples read were bad ({self.summary()}), more than "
+                            f"--max_bad_samples_fraction {self.max_fraction:g}. Fix or remove them, or raise the "
+                            "flag; checkpoints written so far are kept.")
+
+    def summary(self) -> str:
+        if not self.reasons:
+            return f"no samples skipped ({self.used} used)"
+        kinds = ", ".join(f"{n} {kind}" for kind, n in self.reasons.most_common())
+        return f"skipped {self.skipped} samples ({kinds}); used {self.used}"
