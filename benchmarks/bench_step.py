@@ -20,6 +20,7 @@ import time
 import torch
 
 from lcm_lora.config import TrainConfig
+from lcm_lora.data.loader import tokenize
 from lcm_lora.distill import lcd_loss
 from lcm_lora.models import load_teacher
 from lcm_lora.schedule import ddim_timesteps
@@ -55,7 +56,7 @@ def main() -> None:
 
     b, r = args.batch_size, args.resolution
     batch = {"pixel_values": torch.rand(b, 3, r, r) * 2 - 1,
-             "input_ids": teacher.tokenizer(["a red circle"] * b, padding="max_length", return_tensors="pt").input_ids}
+             "input_ids": tokenize(teacher.tokenizer, ["a red circle"] * b)}
     scaling = teacher.vae.config.scaling_factor
     x0, c = encode_batch(teacher, batch, device, dtype, scaling)
     with torch.no_grad():

@@ -4,6 +4,7 @@ exactly as in training; the cache is written to a temporary folder and renamed w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -14,23 +15,17 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .data import BadSample, BadSampleLog, load_source, open_image, preprocess_image
+from .data import BadSample, BadSampleLog, load_source
 from .data.cache import EMPTY, FORMAT, MANIFEST
-from .data.loader import check_caption, sample_name
+from .data.loader import decode_row, sample_name, tokenize
 from .models import load_teacher, teacher_fingerprint
 
 SHARD_SIZE = 4096
 
 
-def _captions(value) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
-
-
 @torch.no_grad()
 def _encode_text(teacher, captions: list[str], device) -> torch.Tensor:
-    ids = teacher.tokenizer(captions, padding="max_length", max_length=teacher.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-    return teacher.text_encoder(ids.to(device))[0].float().cpu()
+    return teacher.text_encoder(tokenize(teacher.tokenizer, captions).to(device))[0].float().cpu()
 
 
 class ShardWriter:
@@ -72,17 +67,16 @@ def write_cache(config: TrainConfig, cache_dir: str | Path, batch_size: int = 64
     teacher.vae.to(device).eval()
     teacher.text_encoder.to(device).eval()
     ds, log, writer, rng = load_source(a), BadSampleLog(a.max_bad_samples_fraction), ShardWriter(tmp), random.Random(0)
+    fixed = dataclasses.replace(a, center_crop=True, random_flip=False)  # the one crop a cache holds
     for start in tqdm(range(0, len(ds), batch_size), desc="cache"):
         good, skipped = [], []
         for index in range(start, min(start + batch_size, len(ds))):
             row = ds[index]
             try:
-                check_caption(row.get(a.caption_column))
-                pixels, geometry = preprocess_image(open_image(row[a.image_column]), a.resolution, True, False, rng)
-                good.append((pixels, geometry, _captions(row[a.caption_column])))
+                good.append(decode_row(row, fixed, rng))
             except BadSample as err:
                 skipped.append((sample_name(row, a.image_column, index), str(err)))
-        log.add({"pixel_values": good, "skipped": skipped})
+        log.add(len(good), skipped)
         if not good:
             continue
         pixels = torch.stack([g[0] for g in good]).to(device)

@@ -25,6 +25,7 @@ from . import export
 from .config import ConfigError, OptimArgs, TrainConfig, to_yaml
 from .data import BadSampleLog, load_source, make_dataloader
 from .data.cache import make_cached_dataloader, read_manifest, sample_latents
+from .data.loader import tokenize
 from .distill import lcd_loss
 from .models import TargetEMA, Teacher, adapter_disabled, attach_lora, load_teacher, teacher_fingerprint
 from .schedule import ddim_timesteps
@@ -231,9 +232,7 @@ def train(config: TrainConfig) -> Path:
     tau = ddim_timesteps(teacher.noise_scheduler.config.num_train_timesteps, config.distill.num_ddim_timesteps).to(device)
     if c_uncond is None:
         with torch.no_grad(), accelerator.autocast():
-            empty = teacher.tokenizer([""], padding="max_length", max_length=teacher.tokenizer.model_max_length,
-                                      return_tensors="pt").input_ids.to(device)
-            c_uncond = teacher.text_encoder(empty)[0]
+            c_uncond = teacher.text_encoder(tokenize(teacher.tokenizer, [""]).to(device))[0]
     c_uncond = c_uncond.to(device, dtype)
     bad_samples = BadSampleLog(config.data.max_bad_samples_fraction)
     student, teacher_fn, target = unet_fns(unet, accelerator.unwrap_model(unet), dtype)
@@ -267,7 +266,7 @@ def train(config: TrainConfig) -> Path:
             batches = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in batches:
             # Accumulate gradients.
-            bad_samples.add(batch)
+            bad_samples.add(o.train_batch_size, batch["skipped"])  # replacements keep batches full
             with accelerator.accumulate(unet), accelerator.autocast():
                 x0, c = encode_batch(teacher, batch, device, dtype, scaling_factor)
                 loss = lcd_loss(student, teacher_fn, target, x0, c, c_uncond.expand_as(c), alphas_cumprod, tau,

@@ -97,7 +97,7 @@ def test_bad_samples_are_replaced_counted_and_named(tmp_path, caplog):
 
     log = BadSampleLog(max_fraction=1.0)
     with caplog.at_level(logging.WARNING):
-        log.add(batch)
+        log.add(len(batch["pixel_values"]), batch["skipped"])
     assert "corrupt.png" in caplog.text and log.skipped == len(batch["skipped"])
     # Replacements are drawn at random and may be bad too, so each reason counts at least its files.
     assert set(log.reasons) == {"unreadable image", "too small", "missing or empty caption"}
@@ -108,7 +108,7 @@ def test_warnings_are_rate_limited(caplog):
     log = BadSampleLog(max_fraction=1.0)
     with caplog.at_level(logging.WARNING):
         for i in range(250):
-            log.add({"pixel_values": [0] * 1000, "skipped": [(f"f{i}", "unreadable image (x)")]})
+            log.add(1000, [(f"f{i}", "unreadable image (x)")])
     assert len(caplog.records) == loader.WARN_FIRST + 2  # the first ten, then the 100th and 200th
     assert log.summary() == "skipped 250 samples (250 unreadable image); used 250000"
 

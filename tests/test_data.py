@@ -51,6 +51,6 @@ def test_resize_crop_and_flip():
 def test_captions_pick_from_lists_and_empty_a_proportion():
     rng = random.Random(0)
     assert {pick_caption(["a", "b"], 0.0, rng) for _ in range(50)} == {"a", "b"}
-    emptied = sum(pick_caption("x", 0.3, rng) == "" for _ in range(2000)) / 2000
+    emptied = sum(pick_caption(["x"], 0.3, rng) == "" for _ in range(2000)) / 2000
     assert 0.25 < emptied < 0.35
-    assert pick_caption("x", 0.0, rng) == "x" and pick_caption("x", 1.0, rng) == ""
+    assert pick_caption(["x"], 0.0, rng) == "x" and pick_caption(["x"], 1.0, rng) == ""

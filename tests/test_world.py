@@ -12,7 +12,7 @@ from lcm_lora.world import assets
 from lcm_lora.world.dataset import write_imagefolder
 from lcm_lora.world.judge import accuracy, frechet_distance, judge_images, render_set
 from lcm_lora.world.quality import HELD_OUT_SEED, Scorer, generate, held_out_prompts, load_judge, real_baseline
-from lcm_lora.world.scene import ATTRIBUTES, all_scenes, render, sample
+from lcm_lora.world.scene import ATTRIBUTES, all_scenes, sample
 
 
 def test_world_is_deterministic_and_seeds_differ():

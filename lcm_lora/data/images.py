@@ -69,9 +69,9 @@ def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return max(resolution, round(w * scale)), max(resolution, round(h * scale))
 
 
-def crop_box(size: tuple[int, int], resolution: int, center_crop: bool, rng: random.Random) -> tuple[int, ...]:
-    """(left, top, right, bottom) of the square crop in the image resized to short side = resolution."""
-    new_w, new_h = resized_size(size, resolution)
+def crop_box(resized: tuple[int, int], resolution: int, center_crop: bool, rng: random.Random) -> tuple[int, ...]:
+    """(left, top, right, bottom) of the square crop in the image resized to `resized` (resized_size)."""
+    new_w, new_h = resized
     if center_crop:
         left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     else:
@@ -87,8 +87,8 @@ def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, ran
     w, h = image.size
     if min(w, h) < MIN_SIDE_FRACTION * resolution:
         raise BadSample(f"too small ({w}x{h}, short side under {MIN_SIDE_FRACTION:g} x --resolution {resolution})")
-    box = crop_box((w, h), resolution, center_crop, rng)
     new_size = resized_size((w, h), resolution)
+    box = crop_box(new_size, resolution, center_crop, rng)
     if new_size != (w, h):
         image = image.resize(new_size, Image.BICUBIC)
     image = image.crop(box)

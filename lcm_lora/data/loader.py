@@ -24,21 +24,36 @@ WARN_FIRST, WARN_EVERY = 10, 100  # per reason: warn for the first ten, then eve
 MIN_SAMPLES_FOR_FRACTION = 200  # --max_bad_samples_fraction is enforced once this many were read
 
 
-def pick_caption(caption, proportion_empty: float, rng: random.Random):
+def pick_caption(captions: list[str], proportion_empty: float, rng: random.Random) -> str:
     """One caption: a random one of several, or '' for `proportion_empty` of samples (for CFG).
 
     Always one rng.choice, even of one caption, so a cache (captions stored as lists) draws the
     same random numbers as the image loader."""
     if rng.random() < proportion_empty:
         return ""
-    return rng.choice([caption] if isinstance(caption, str) else list(caption))
+    return rng.choice(captions)
 
 
-def check_caption(caption) -> None:
-    if isinstance(caption, str):
-        caption = [caption]
-    if not isinstance(caption, (list, tuple)) or not any(isinstance(c, str) and c.strip() for c in caption):
+def row_captions(value) -> list[str]:
+    """A row's caption cell (one string or a list) as a list; BadSample when none is usable."""
+    captions = [value] if isinstance(value, str) else value
+    if not isinstance(captions, (list, tuple)) or not any(isinstance(c, str) and c.strip() for c in captions):
         raise BadSample("missing or empty caption")
+    return list(captions)
+
+
+def decode_row(row: dict, args: DataArgs, rng: random.Random) -> tuple[torch.Tensor, dict, list[str]]:
+    """(pixels, geometry, captions) of one row, or BadSample: the one decoding of training and caching."""
+    captions = row_captions(row.get(args.caption_column))
+    image = open_image(row[args.image_column])
+    pixels, geometry = preprocess_image(image, args.resolution, args.center_crop, args.random_flip, rng)
+    return pixels, geometry, captions
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids [N, L], padded to the tokenizer's full context as Stable Diffusion's text encoder expects."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 def sample_name(row: dict, image_column: str, index: int) -> str:
@@ -67,20 +82,16 @@ class Collate:
             self.rng = worker_rng(self.seed)
         return self.rng
 
-    def _sample(self, index: int, row: dict) -> tuple[torch.Tensor, dict, str]:
-        a, rng = self.args, self._rng()
-        caption = row.get(a.caption_column)
-        check_caption(caption)
-        image = open_image(row[a.image_column])
-        pixels, geometry = preprocess_image(image, a.resolution, a.center_crop, a.random_flip, rng)
-        return pixels, geometry, pick_caption(caption, a.proportion_empty_prompts, rng)
+    def _sample(self, row: dict) -> tuple[torch.Tensor, dict, str]:
+        pixels, geometry, captions = decode_row(row, self.args, self._rng())
+        return pixels, geometry, pick_caption(captions, self.args.proportion_empty_prompts, self._rng())
 
     def __call__(self, rows: list[tuple[int, dict]]) -> dict:
         samples, skipped = [], []
         for index, row in rows:
             for _ in range(MAX_REPLACEMENTS):
                 try:
-                    samples.append(self._sample(index, row))
+                    samples.append(self._sample(row))
                     break
                 except BadSample as err:
                     skipped.append((sample_name(row, self.args.image_column, index), str(err)))
@@ -90,11 +101,9 @@ class Collate:
                 raise DataError(f"{MAX_REPLACEMENTS} bad samples in a row, last: {skipped[-1][0]}: "
                                 f"{skipped[-1][1]}. Check the data source.")
         pixels, geometry, captions = zip(*samples)
-        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
         return {
             "pixel_values": torch.stack(pixels),
-            "input_ids": ids,
+            "input_ids": tokenize(self.tokenizer, list(captions)),
             "original_size": torch.tensor([g["original_size"] for g in geometry]),
             "crop_top_left": torch.tensor([g["crop_top_left"] for g in geometry]),
             "skipped": skipped,
@@ -142,9 +151,10 @@ class BadSampleLog:
     def skipped(self) -> int:
         return sum(self.reasons.values())
 
-    def add(self, batch: dict) -> None:
-        self.used += len(batch.get("pixel_values", batch.get("latent_parameters", ())))
-        for name, reason in batch.get("skipped", ()):
+    def add(self, used: int, skipped: list[tuple[str, str]]) -> None:
+        """`used` samples went into a batch; `skipped` are (name, reason) of those replaced."""
+        self.used += used
+        for name, reason in skipped:
             kind = reason.split(" (")[0]
             self.reasons[kind] += 1
             n = self.reasons[kind]
