@@ -5,19 +5,22 @@ exactly as in training; the cache is written to a temporary folder and renamed w
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import DataArgs, TrainConfig
 from .data import BadSample, BadSampleLog, load_source
 from .data.cache import EMPTY, FORMAT, MANIFEST
 from .data.loader import decode_row, sample_name, tokenize
+from .data.shards import NAME, expand_shards, shard_rows
 from .models import load_teacher, teacher_fingerprint
 
 SHARD_SIZE = 4096
@@ -53,6 +56,20 @@ class ShardWriter:
         self.rows = []
 
 
+def source_rows(args: DataArgs, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
+    """(name, row) of every sample of the data source, in order: a data set, or every shard in turn
+    (an unreadable or empty shard is appended to `skipped`, as in training)."""
+    if args.train_shards_path_or_url:
+        for url in expand_shards(args.train_shards_path_or_url):
+            for row in shard_rows(url, args, skipped):
+                yield row[NAME], row
+        return
+    ds = load_source(args)
+    for index in range(len(ds)):
+        row = ds[index]
+        yield sample_name(row, args.image_column, index), row
+
+
 @torch.no_grad()
 def write_cache(config: TrainConfig, cache_dir: str | Path, batch_size: int = 64, device: str = "cpu") -> dict:
     """Encode `config`'s data source with its teacher into `cache_dir`; returns the manifest."""
@@ -66,17 +83,19 @@ def write_cache(config: TrainConfig, cache_dir: str | Path, batch_size: int = 64
     teacher = load_teacher(config.model, unet=False)
     teacher.vae.to(device).eval()
     teacher.text_encoder.to(device).eval()
-    ds, log, writer, rng = load_source(a), BadSampleLog(a.max_bad_samples_fraction), ShardWriter(tmp), random.Random(0)
+    log, writer, rng = BadSampleLog(a.max_bad_samples_fraction), ShardWriter(tmp), random.Random(0)
     fixed = dataclasses.replace(a, center_crop=True, random_flip=False)  # the one crop a cache holds
-    for start in tqdm(range(0, len(ds), batch_size), desc="cache"):
-        good, skipped = [], []
-        for index in range(start, min(start + batch_size, len(ds))):
-            row = ds[index]
+    skipped: list[tuple[str, str]] = []
+    rows = source_rows(a, skipped)
+    for chunk in tqdm(iter(lambda: list(itertools.islice(rows, batch_size)), []), desc="cache", unit="batch"):
+        good = []
+        for name, row in chunk:
             try:
                 good.append(decode_row(row, fixed, rng))
             except BadSample as err:
-                skipped.append((sample_name(row, a.image_column, index), str(err)))
+                skipped.append((name, str(err)))
         log.add(len(good), skipped)
+        skipped.clear()
         if not good:
             continue
         pixels = torch.stack([g[0] for g in good]).to(device)
@@ -95,6 +114,7 @@ def write_cache(config: TrainConfig, cache_dir: str | Path, batch_size: int = 64
         "preprocessing": {"center_crop": True, "random_flip": False},
         "scaling_factor": teacher.vae.config.scaling_factor,
         "source": {"train_data_dir": a.train_data_dir, "dataset_name": a.dataset_name,
+                   "train_shards_path_or_url": a.train_shards_path_or_url,
                    "image_column": a.image_column, "caption_column": a.caption_column},
         "num_samples": sum(s["num_samples"] for s in writer.shards),
         "shards": writer.shards,

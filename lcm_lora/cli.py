@@ -43,15 +43,15 @@ def train_main(argv: list[str] | None = None) -> None:
 def cache_main(argv: list[str] | None = None) -> None:
     """Encode a data source once: the training flags pick teacher, data and resolution; --cache_dir
     names the folder to write."""
-    import dataclasses
-
     from .config import ConfigError, parse_train_args
     from .data import DataError
 
+    parser = argparse.ArgumentParser(prog="lcm-lora cache", add_help=False)
+    parser.add_argument("--cache_dir", default=None)
+    known, rest = parser.parse_known_args(argv)  # here --cache_dir is the output, not a data source
+    out = known.cache_dir
     try:
-        config, _ = parse_train_args(argv)
-        out = config.data.cache_dir
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_dir=None))
+        config, _ = parse_train_args(rest)
         problems = config.validate() + ([] if out else ["--cache_dir is required: the folder to write the cache to."])
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

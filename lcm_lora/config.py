@@ -21,6 +21,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LOSS_TYPES = ("l2", "huber")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+DATA_SOURCES = ("train_data_dir", "dataset_name", "train_shards_path_or_url", "cache_dir")
 # LCM-LoRA's targets (diffusers' LCM-LoRA scripts); never conv_in, conv_out or time_embedding.
 DEFAULT_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -53,6 +54,9 @@ class DataArgs:
         ".caption files (searched recursively, one caption per line)."))
     dataset_name: str | None = field(default=None, metadata=_help(
         "A Hugging Face dataset: hub name, local folder, save_to_disk folder, or a .parquet/.arrow/.csv/.jsonl file."))
+    train_shards_path_or_url: str | None = field(default=None, metadata=_help(
+        "webdataset tar shards: paths, a glob, a brace pattern or pipe: commands, '::'-joined (needs the "
+        "webdataset extra); each sample an image (.jpg/.png/.webp) plus .txt/.caption or LAION-style .json."))
     cache_dir: str | None = field(default=None, metadata=_help(
         "Train from encodings written by `lcm-lora cache` (no VAE or text encoder in memory)."))
     dataset_config_name: str | None = field(default=None, metadata=_help("The dataset's configuration name."))
@@ -173,11 +177,14 @@ class TrainConfig:
             problems.append("--pretrained_teacher_model is required (a hub id, a folder, or teacher-eps).")
         if c.model.prediction_type not in (None, *PREDICTION_TYPES):
             problems.append(f"--prediction_type must be one of {PREDICTION_TYPES}, got {c.model.prediction_type!r}.")
-        sources = [flag for flag in ("train_data_dir", "dataset_name", "cache_dir") if _get(c, flag)]
+        sources = [flag for flag in DATA_SOURCES if _get(c, flag)]
         if not sources:
-            problems.append("give --train_data_dir (a folder), --dataset_name or --cache_dir.")
+            problems.append("give --train_data_dir (a folder), --dataset_name, --train_shards_path_or_url or --cache_dir.")
         if len(sources) > 1:
             problems.append(f"give only one of --{', --'.join(sources)}.")
+        if c.data.train_shards_path_or_url and c.data.max_train_samples is not None:
+            problems.append("--max_train_samples does not apply to streamed --train_shards_path_or_url; "
+                            "name fewer shards instead.")
         if c.data.cache_dir and (c.data.random_flip or not c.data.center_crop):
             problems.append("--cache_dir holds one center crop per image: drop --random_flip and "
                             "--center_crop false, or train from the images.")
@@ -274,7 +281,10 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     dry_run = args.pop("dry_run", False)
     values: dict[str, Any] = {}
     if "config" in args:
-        values.update(load_yaml(args.pop("config")))
+        preset = load_yaml(args.pop("config"))
+        if any(flag in args for flag in DATA_SOURCES):  # a source on the command line replaces the preset's
+            preset = {k: v for k, v in preset.items() if k not in DATA_SOURCES}
+        values.update(preset)
     values.update(args)
     return TrainConfig.from_flat_dict(values, source="command line" if not values else "config"), dry_run
 

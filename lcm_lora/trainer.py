@@ -8,14 +8,14 @@ weights in fp32, and every network call inside `accelerator.autocast()`, which i
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from . import export
 from .config import ConfigError, OptimArgs, TrainConfig, to_yaml
-from .data import BadSampleLog, load_source, make_dataloader
+from .data import BadSampleLog, DataError, load_source, make_dataloader
 from .data.cache import make_cached_dataloader, read_manifest, sample_latents
 from .data.loader import tokenize
+from .data.shards import make_shard_dataloader
 from .distill import lcd_loss
 from .models import TargetEMA, Teacher, adapter_disabled, attach_lora, load_teacher, teacher_fingerprint
 from .schedule import ddim_timesteps
@@ -195,15 +196,67 @@ def encode_batch(teacher: Teacher, batch: dict, device, dtype: torch.dtype,
     return x0, teacher.text_encoder(batch["input_ids"].to(device))[0]
 
 
-def make_data(config: TrainConfig, teacher: Teacher):
-    """(data loader, empty-prompt embedding or None, VAE scaling factor) for images or a cache."""
+def make_data(config: TrainConfig, teacher: Teacher, accelerator: Accelerator):
+    """(data loader, empty-prompt embedding or None, VAE scaling factor) for images, shards or a cache.
+
+    Map-style loaders go through `accelerator.prepare` (it shards them by rank); a shard stream splits
+    its shards by rank itself and is not wrapped (Accelerate would read every shard on the main process)."""
     d, o, seed = config.data, config.optim, config.run.seed or 0
     if d.cache_dir:
         manifest = read_manifest(d.cache_dir, teacher_fingerprint(config.model), d.resolution)
         loader, empty = make_cached_dataloader(d, manifest, o.train_batch_size, seed)
-        return loader, empty, manifest["scaling_factor"]
+        return accelerator.prepare(loader), empty, manifest["scaling_factor"]
+    if d.train_shards_path_or_url:
+        loader = make_shard_dataloader(d, teacher.tokenizer, o.train_batch_size, seed, accelerator.process_index,
+                                       accelerator.num_processes)
+        return loader, None, teacher.vae.config.scaling_factor
     loader = make_dataloader(load_source(d), teacher.tokenizer, d, o.train_batch_size, seed)
-    return loader, None, teacher.vae.config.scaling_factor
+    return accelerator.prepare(loader), None, teacher.vae.config.scaling_factor
+
+
+class DataPosition:
+    """Where this process's data stands: the epoch and the batches of it used so far. Checkpointed with the
+    run (every process's, since shard streams reach epoch ends at different steps), so a resume starts where
+    the run stopped even when an epoch's length is unknown."""
+
+    def __init__(self) -> None:
+        self.epoch, self.batches = 0, 0
+
+    def state_dict(self) -> dict:  # Accelerate calls it on every process and writes the main one's
+        return {"processes": gather_object([(self.epoch, self.batches)])}
+
+    def load_state_dict(self, state: dict) -> None:
+        state_, processes = PartialState(), state["processes"]
+        if len(processes) != state_.num_processes:
+            logger.warning("the checkpoint was written by %d processes, this run has %d: every process resumes "
+                           "at the data position of the first", len(processes), state_.num_processes)
+        self.epoch, self.batches = processes[state_.process_index if len(processes) == state_.num_processes else 0]
+
+
+def micro_batches(accelerator: Accelerator, dataloader, position: DataPosition, log: BadSampleLog) -> Iterator[dict]:
+    """Batches forever, epoch after epoch, from `position` on (advancing it), each batch's skipped samples
+    counted in `log`. A shard stream cannot seek: resuming reads and drops the epoch's batches already used."""
+    stream = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)
+    while True:
+        if stream:
+            dataloader.dataset.set_epoch(position.epoch)
+        used = position.batches
+        batches = accelerator.skip_first_batches(dataloader, used) if used and not stream else dataloader
+        full = 0 if stream else used  # complete batches of this epoch so far
+        for batch in batches:
+            samples = batch.get("pixel_values", batch.get("latent_parameters"))
+            log.add(0 if samples is None else len(samples), batch["skipped"])
+            if samples is None:  # a stream's skips after its last full batch
+                continue
+            full += 1
+            if full <= used:
+                continue
+            position.batches = full
+            yield batch
+        if full == 0:
+            raise DataError(f"process {accelerator.process_index} got no complete batch in a whole epoch "
+                            f"({log.summary()}). Check the data source, or lower --train_batch_size.")
+        position.epoch, position.batches = position.epoch + 1, 0
 
 
 def train(config: TrainConfig) -> Path:
@@ -223,8 +276,8 @@ def train(config: TrainConfig) -> Path:
     o = config.optim
     lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=o.max_train_steps * accelerator.num_processes)
-    dataloader, c_uncond, scaling_factor = make_data(config, teacher)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    dataloader, c_uncond, scaling_factor = make_data(config, teacher, accelerator)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     register_lora_checkpointing(accelerator)
 
     device, dtype = accelerator.device, WEIGHT_DTYPES[config.run.mixed_precision]
@@ -240,13 +293,14 @@ def train(config: TrainConfig) -> Path:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
         target = ema_target(target, ema)
+    position = DataPosition()
+    accelerator.register_for_checkpointing(position)
 
-    global_step, skip_batches = 0, 0
+    global_step = 0
     checkpoint = find_checkpoint(out, config.run.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         global_step = int(checkpoint.name.split("-")[1])
-        skip_batches = global_step * o.gradient_accumulation_steps % len(dataloader)
         accelerator.print(f"resumed from {checkpoint} at step {global_step}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -254,50 +308,41 @@ def train(config: TrainConfig) -> Path:
         if accelerator.trackers == [] and config.run.report_to != "none":
             accelerator.init_trackers("lcm-lora", config={k: str(v) for k, v in config.to_flat_dict().items()})
 
-    micro_steps_per_epoch = len(dataloader)
-    first_epoch = global_step * o.gradient_accumulation_steps // micro_steps_per_epoch
-    epochs = math.ceil(o.max_train_steps * o.gradient_accumulation_steps / micro_steps_per_epoch)
     progress = tqdm(total=o.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="distill")
     unet.train()
-    for epoch in range(first_epoch, epochs):
-        batches = dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(dataloader, skip_batches)
-        for batch in batches:
-            # Accumulate gradients.
-            bad_samples.add(o.train_batch_size, batch["skipped"])  # replacements keep batches full
-            with accelerator.accumulate(unet), accelerator.autocast():
-                x0, c = encode_batch(teacher, batch, device, dtype, scaling_factor)
-                loss = lcd_loss(student, teacher_fn, target, x0, c, c_uncond.expand_as(c), alphas_cumprod, tau,
-                                config.distill, teacher.prediction_type).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and o.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, o.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.update()
-            # Maintenance once per optimizer step: log, checkpoint, validate.
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if config.run.checkpointing_steps and global_step % config.run.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit)
-            if (accelerator.is_main_process and config.run.validation_steps and config.run.validation_prompts
-                    and global_step % config.run.validation_steps == 0):
-                log_validation(accelerator, unet, config, teacher, global_step)
-            if global_step >= o.max_train_steps:
-                break
+    for batch in micro_batches(accelerator, dataloader, position, bad_samples):
+        # Accumulate gradients.
+        with accelerator.accumulate(unet), accelerator.autocast():
+            x0, c = encode_batch(teacher, batch, device, dtype, scaling_factor)
+            loss = lcd_loss(student, teacher_fn, target, x0, c, c_uncond.expand_as(c), alphas_cumprod, tau,
+                            config.distill, teacher.prediction_type).mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and o.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, o.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        if ema is not None:
+            ema.update()
+        # Maintenance once per optimizer step: log, checkpoint, validate.
+        global_step += 1
+        progress.update(1)
+        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+        progress.set_postfix(**logs)
+        accelerator.log(logs, step=global_step)
+        if config.run.checkpointing_steps and global_step % config.run.checkpointing_steps == 0:
+            save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit)
+        if (accelerator.is_main_process and config.run.validation_steps and config.run.validation_prompts
+                and global_step % config.run.validation_steps == 0):
+            log_validation(accelerator, unet, config, teacher, global_step)
         if global_step >= o.max_train_steps:
             break
     progress.close()
-    accelerator.print(f"data: {bad_samples.summary()}" + (" on the main process" if accelerator.num_processes > 1 else ""))
+    everyone = gather_object([bad_samples]) if accelerator.num_processes > 1 else [bad_samples]
+    accelerator.print(f"data: {BadSampleLog.combined(everyone).summary()}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path = export_lora(accelerator, unet, config, teacher, global_step, out)

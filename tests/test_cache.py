@@ -77,3 +77,38 @@ def test_cache_flags_that_it_cannot_honour_are_rejected():
     assert any("--cache_dir holds one center crop" in p for p in problems)
     assert any("only one of --train_data_dir, --cache_dir" in p
                for p in _config(cache_dir="c", train_data_dir="d").validate())
+
+
+def test_a_cache_from_shards_holds_the_same_encodings_as_from_the_folder(world, tmp_path):
+    pytest.importorskip("webdataset")
+    from lcm_lora.world.dataset import write_shards
+
+    _, cache = world
+    write_shards(tmp_path / "shards", 16, shard_size=5)  # the same 16 samples, in the same order
+    manifest = write_cache(_config(train_shards_path_or_url=str(tmp_path / "shards" / "*.tar")), tmp_path / "c")
+    assert manifest["num_samples"] == 16 and manifest["skipped"] == {}
+    ours, theirs = load_file(tmp_path / "c" / "shard-00000.safetensors"), load_file(cache / "shard-00000.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_data_source_on_the_command_line_replaces_the_presets(tmp_path):
+    from lcm_lora.config import parse_train_args
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("pretrained_teacher_model: teacher-eps\ntrain_data_dir: data/tiny-world\n")
+    config, _ = parse_train_args(["--config", str(preset), "--cache_dir", "cache/x"])
+    assert (config.data.cache_dir, config.data.train_data_dir) == ("cache/x", None)
+    config, _ = parse_train_args(["--config", str(preset)])
+    assert (config.data.cache_dir, config.data.train_data_dir) == (None, "data/tiny-world")
+
+
+def test_the_cache_command_keeps_the_presets_source(world, tmp_path):
+    from lcm_lora.cli import cache_main
+
+    images, cache = world
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"pretrained_teacher_model: teacher-eps\ntrain_data_dir: {images}\nresolution: 64\n")
+    cache_main(["--config", str(preset), "--cache_dir", str(tmp_path / "c")])  # --cache_dir: the output here
+    written = load_file(tmp_path / "c" / "shard-00000.safetensors")
+    assert torch.equal(written["latent_parameters"], load_file(cache / "shard-00000.safetensors")["latent_parameters"])

@@ -25,6 +25,8 @@ class BadSample(Exception):
 
 def open_image(value) -> Image.Image:
     """A PIL image, a path, or a datasets {"bytes", "path"} dict -> RGB, upright, fully decoded."""
+    if value is None:
+        raise BadSample("missing image")
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that: treat both as a bomb.

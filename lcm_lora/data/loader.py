@@ -56,6 +56,18 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+def make_batch(samples: list[tuple[torch.Tensor, dict, str]], skipped: list[tuple[str, str]], tokenizer) -> dict:
+    """The batch format above from (pixels, geometry, caption) samples."""
+    pixels, geometry, captions = zip(*samples)
+    return {
+        "pixel_values": torch.stack(pixels),
+        "input_ids": tokenize(tokenizer, list(captions)),
+        "original_size": torch.tensor([g["original_size"] for g in geometry]),
+        "crop_top_left": torch.tensor([g["crop_top_left"] for g in geometry]),
+        "skipped": skipped,
+    }
+
+
 def sample_name(row: dict, image_column: str, index: int) -> str:
     value = row.get(image_column)
     if isinstance(value, dict) and value.get("path"):
@@ -100,14 +112,7 @@ class Collate:
             else:
                 raise DataError(f"{MAX_REPLACEMENTS} bad samples in a row, last: {skipped[-1][0]}: "
                                 f"{skipped[-1][1]}. Check the data source.")
-        pixels, geometry, captions = zip(*samples)
-        return {
-            "pixel_values": torch.stack(pixels),
-            "input_ids": tokenize(self.tokenizer, list(captions)),
-            "original_size": torch.tensor([g["original_size"] for g in geometry]),
-            "crop_top_left": torch.tensor([g["crop_top_left"] for g in geometry]),
-            "skipped": skipped,
-        }
+        return make_batch(samples, skipped, self.tokenizer)
 
 
 class IndexedRows(torch.utils.data.Dataset):
@@ -165,6 +170,15 @@ class BadSampleLog:
             raise DataError(f"{self.skipped} of {read} samples read were bad ({self.summary()}), more than "
                             f"--max_bad_samples_fraction {self.max_fraction:g}. Fix or remove them, or raise the "
                             "flag; checkpoints written so far are kept.")
+
+    @classmethod
+    def combined(cls, logs: list["BadSampleLog"]) -> "BadSampleLog":
+        """One log for several processes' logs (the end-of-run summary of a multi-process run)."""
+        total = cls(logs[0].max_fraction)
+        for log in logs:
+            total.used += log.used
+            total.reasons.update(log.reasons)
+        return total
 
     def summary(self) -> str:
         if not self.reasons:

@@ -1,15 +1,19 @@
-"""Write the world as a Hugging Face `imagefolder` data set, and its held-out prompt list.
+"""Write the world as a Hugging Face `imagefolder` data set or as webdataset shards, and its prompt list.
 
     python -m lcm_lora.world.dataset --out data/tiny-world --num_images 2000
+    python -m lcm_lora.world.dataset --out data/tiny-world-shards --num_images 2000 --format webdataset
 
-The folder holds PNG files and `metadata.jsonl` ({"file_name", "text"} per line), which is what
-`datasets.load_dataset("imagefolder", data_dir=...)` and the trainer's `--train_data_dir` read.
+The imagefolder holds PNG files and `metadata.jsonl` ({"file_name", "text"} per line), which is what
+`datasets.load_dataset("imagefolder", data_dir=...)` and the trainer's `--train_data_dir` read. The
+shards (`shard-00000.tar`, ...) hold `<seed>.png` and `<seed>.txt` per sample, for `--train_shards_path_or_url`.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import tarfile
 from pathlib import Path
 
 from PIL import Image
@@ -30,6 +34,29 @@ def write_imagefolder(out_dir: str | Path, num_images: int, first_seed: int = 0)
     return out_dir
 
 
+def write_shards(out_dir: str | Path, num_images: int, shard_size: int = 250, first_seed: int = 0) -> list[Path]:
+    """The same samples as write_imagefolder, `shard_size` per tar (the last may hold fewer)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seeds, paths = list(range(first_seed, first_seed + num_images)), []
+    for k, start in enumerate(range(0, num_images, shard_size)):
+        paths.append(out_dir / f"shard-{k:05d}.tar")
+        with tarfile.open(paths[-1], "w") as tar:
+            for seed in seeds[start:start + shard_size]:
+                scene, image = sample(seed)
+                png = io.BytesIO()
+                Image.fromarray(image).save(png, format="png", optimize=False, compress_level=1)
+                _add_member(tar, f"{seed:07d}.png", png.getvalue())
+                _add_member(tar, f"{seed:07d}.txt", scene.caption.encode())
+    return paths
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)  # mtime 0 and no owner: the same seeds give byte-identical shards
+    tar.addfile(info, io.BytesIO(data))
+
+
 def held_out_prompt_list() -> list[str]:
     """Every caption of the world, once: the prompts that quality is measured on."""
     return [scene.caption for scene in all_scenes()]
@@ -40,8 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--num_images", type=int, default=2000)
     parser.add_argument("--first_seed", type=int, default=0)
+    parser.add_argument("--format", choices=["imagefolder", "webdataset"], default="imagefolder")
+    parser.add_argument("--shard_size", type=int, default=250, help="Samples per tar (webdataset only).")
     args = parser.parse_args(argv)
-    write_imagefolder(args.out, args.num_images, args.first_seed)
+    if args.format == "webdataset":
+        write_shards(args.out, args.num_images, args.shard_size, args.first_seed)
+    else:
+        write_imagefolder(args.out, args.num_images, args.first_seed)
     (args.out / "prompts.txt").write_text("\n".join(held_out_prompt_list()) + "\n")
     print(f"wrote {args.num_images} images to {args.out}")
 
