@@ -32,12 +32,15 @@ def train_main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         sys.exit(f"error: {err}")
     from .data import DataError
-    from .trainer import train
+    from .trainer import TrainingStopped, train
 
     try:
         train(config)
-    except DataError as err:  # checkpoints already written stay; the message says what to fix
+    except (DataError, ConfigError) as err:  # checkpoints already written stay; the message says what to fix
         sys.exit(f"error: {err}")
+    except TrainingStopped as err:
+        print(err, file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 def cache_main(argv: list[str] | None = None) -> None:

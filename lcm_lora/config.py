@@ -43,6 +43,8 @@ class ModelArgs:
         "Teacher: a hub id, a local diffusers folder, or a bundled tiny teacher (teacher-eps, teacher-vpred)."))
     revision: str | None = field(default=None, metadata=_help("Hub revision of the teacher."))
     variant: str | None = field(default=None, metadata=_help("Weight variant of the teacher, e.g. fp16."))
+    allow_pickle_weights: bool = field(default=False, metadata=_help(
+        "Also load .bin/.ckpt (pickle) weights, which can run code when loaded; only for files you trust."))
     prediction_type: str | None = field(default=None, metadata=_help(
         "Override the teacher's prediction type (epsilon, v_prediction, sample); default: its scheduler config."))
 
@@ -128,6 +130,8 @@ class RunArgs:
     checkpointing_steps: int = field(default=500, metadata=_help("Save the training state every N steps."))
     checkpoints_total_limit: int | None = field(default=None, metadata=_help("Keep at most this many checkpoints."))
     resume_from_checkpoint: str | None = field(default=None, metadata=_help("'latest' or a checkpoint folder."))
+    max_consecutive_nonfinite_steps: int = field(default=10, metadata=_help(
+        "Optimizer steps with a non-finite loss or gradient are skipped; stop after this many in a row."))
     validation_steps: int = field(default=200, metadata=_help("Log validation images every N steps (0: never)."))
     validation_prompts: tuple[str, ...] = field(default=(), metadata=_help("Prompts for validation images."))
     validation_inference_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=_help(
@@ -203,7 +207,7 @@ class TrainConfig:
         if c.optim.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {c.optim.lr_scheduler!r}.")
         for flag in ("lora_rank", "num_ddim_timesteps", "train_batch_size", "max_train_steps",
-                     "gradient_accumulation_steps", "resolution"):
+                     "gradient_accumulation_steps", "resolution", "max_consecutive_nonfinite_steps"):
             if _get(c, flag) <= 0:
                 problems.append(f"--{flag} must be positive, got {_get(c, flag)}.")
         return problems

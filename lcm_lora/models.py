@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .config import PREDICTION_TYPES, LoraArgs, ModelArgs
+from .config import PREDICTION_TYPES, ConfigError, LoraArgs, ModelArgs
 from .world import assets
 
 
@@ -45,27 +45,79 @@ def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> T
             f"--pretrained_teacher_model {source}: no 'unet' subfolder. Give a diffusers pipeline folder "
             "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
         )
-    common = dict(revision=args.revision, use_safetensors=True)
+    # use_safetensors=True: diffusers and transformers refuse pickle weights instead of falling back to them.
+    common = dict(revision=args.revision, use_safetensors=None if args.allow_pickle_weights else True)
     noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=args.revision)
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"{source}: prediction type {prediction_type!r} is not one of {PREDICTION_TYPES}; "
                          "set --prediction_type.")
     tokenizer = text_encoder = vae = None
-    if encoders:
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=args.revision)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant, **common)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
+    try:
+        if encoders:
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=args.revision)
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant,
+                                                         **common)
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
+        unet_model = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant,
+                                                          **common) if unet else None
+    except (OSError, EnvironmentError) as err:
+        if args.allow_pickle_weights or not _has_pickle_weights(source):
+            raise
+        raise ConfigError(f"--pretrained_teacher_model {args.pretrained_teacher_model}: it has pickle weights "
+                          "(.bin/.ckpt) but no .safetensors. Pickle files can run code when loaded, so they are "
+                          "refused; convert them to safetensors, or pass --allow_pickle_weights if you trust "
+                          "the files.") from err
     return Teacher(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common)
-        if unet else None,
+        unet=unet_model,
         noise_scheduler=noise_scheduler,
         prediction_type=prediction_type,
         source=args.pretrained_teacher_model,
     )
+
+
+def _has_pickle_weights(source: str) -> bool:
+    folder = Path(source)
+    return folder.is_dir() and any(p.suffix in (".bin", ".ckpt", ".pt", ".pth") for p in folder.glob("*/*"))
+
+
+def teacher_problems(args: ModelArgs, resolution: int, num_ddim_timesteps: int, encoders: bool = True) -> list[str]:
+    """What makes the teacher unusable for this run, read from its config files before any weight loads."""
+    name, source = args.pretrained_teacher_model, resolve_teacher(args.pretrained_teacher_model)
+    flag = f"--pretrained_teacher_model {name}"
+    if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        return [f"{flag}: no such folder."]  # a hub id is owner/name; anything else is a path
+    if Path(source).is_dir():
+        needed = ["unet", "scheduler"] + (["vae", "text_encoder", "tokenizer"] if encoders else [])
+        missing = [sub for sub in needed if not (Path(source) / sub).is_dir()]
+        if missing:
+            return [f"{flag}: no {', '.join(missing)} subfolder. Give a diffusers pipeline folder "
+                    "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."]
+    problems = []
+    try:
+        scheduler = DDPMScheduler.load_config(source, subfolder="scheduler", revision=args.revision)
+        vae = AutoencoderKL.load_config(source, subfolder="vae", revision=args.revision) if encoders else None
+    except OSError as err:
+        return [f"{flag}: cannot read its configs ({err})."]
+    T = scheduler.get("num_train_timesteps", 1000)
+    if T % num_ddim_timesteps or num_ddim_timesteps > T:
+        divisors = [n for n in (50, 40, 25, 20, 10) if T % n == 0]
+        problems.append(f"--num_ddim_timesteps {num_ddim_timesteps} does not divide the teacher's {T} training "
+                        f"timesteps; use a divisor such as {', '.join(map(str, divisors)) or 1}.")
+    prediction = args.prediction_type or scheduler.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        problems.append(f"{flag}: its scheduler's prediction type {prediction!r} is not one of {PREDICTION_TYPES}; "
+                        "set --prediction_type.")
+    if vae is not None:
+        factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        if resolution % factor:
+            below = resolution - resolution % factor
+            problems.append(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor "
+                            f"{factor}; use {below} or {below + factor}.")
+    return problems
 
 
 def lora_config(args: LoraArgs) -> LoraConfig:

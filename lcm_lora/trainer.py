@@ -8,12 +8,17 @@ weights in fp32, and every network call inside `accelerator.autocast()`, which i
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Iterator
 
 import torch
+import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
@@ -28,7 +33,8 @@ from .data.cache import make_cached_dataloader, read_manifest, sample_latents
 from .data.loader import tokenize
 from .data.shards import make_shard_dataloader
 from .distill import lcd_loss
-from .models import TargetEMA, Teacher, adapter_disabled, attach_lora, load_teacher, teacher_fingerprint
+from .models import (TargetEMA, Teacher, adapter_disabled, attach_lora, load_teacher, teacher_fingerprint,
+                     teacher_problems)
 from .schedule import ddim_timesteps
 
 logger = logging.getLogger(__name__)
@@ -100,6 +106,15 @@ def register_lora_checkpointing(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; a `.partial` folder (a save that was cut off) is not one."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and CHECKPOINT.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
+
+
 def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
@@ -108,16 +123,56 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
         if not path.is_dir():
             raise ConfigError(f"--resume_from_checkpoint {resume}: no such folder.")
         return path
-    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    found = checkpoints(out)
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, limit: int | None) -> None:
-    if accelerator.is_main_process and limit is not None:
-        existing = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in existing[: max(0, len(existing) - limit + 1)]:
+def output_dir_problems(config: TrainConfig) -> list[str]:
+    """A new run must not mix its checkpoints into another run's folder: refuse unless resuming."""
+    out, resuming = Path(config.run.output_dir), config.run.resume_from_checkpoint is not None
+    saved = out / "config.yaml"
+    if resuming or not saved.is_file():
+        return []
+    before, now = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(to_yaml(config))
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if not differ:
+        return []
+    return [f"--output_dir {out} holds a run with another configuration (differs in {', '.join(differ)}). "
+            "Add --resume_from_checkpoint latest to continue it, or choose another --output_dir."]
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, limit: int | None, need_bytes: int = 0) -> Path:
+    """Accelerate's state saving into `checkpoint-N.partial`, renamed when every process has written its
+    part: a kill at any moment leaves the previous checkpoint as the latest complete one. Old checkpoints
+    beyond `limit` are removed only after the new one is complete. Too little free disk, or a failed write,
+    stops the run with the previous checkpoint intact."""
+    final, partial = out / f"checkpoint-{step}", out / f"checkpoint-{step}.partial"
+    previous = checkpoints(out)
+    intact = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        need = max(need_bytes, sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file())) if previous \
+            else need_bytes
+        free = shutil.disk_usage(out).free
+        if free < 2 * need:  # twice: the new checkpoint exists next to the old one until the rename
+            raise TrainingStopped(f"--output_dir {out}: {free / 2**20:.0f} MiB free, too little for checkpoint-{step} "
+                                  f"(about {need / 2**20:.1f} MiB, twice that kept free); {intact}. Free some space "
+                                  "and resume with --resume_from_checkpoint latest.")
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(partial))
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise TrainingStopped(f"saving checkpoint-{step} failed ({err}); {intact}. Fix the cause and resume with "
+                              "--resume_from_checkpoint latest.") from err
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a resumed run)
+        partial.rename(final)
+        for old in checkpoints(out)[: -limit] if limit else []:
             shutil.rmtree(old)
-    accelerator.save_state(str(out / f"checkpoint-{step}"))
+    accelerator.wait_for_everyone()
+    return final
 
 
 def export_lora(accelerator: Accelerator, unet, config: TrainConfig, teacher: Teacher, step: int, out_dir: Path) -> Path:
@@ -215,22 +270,37 @@ def make_data(config: TrainConfig, teacher: Teacher, accelerator: Accelerator):
 
 
 class DataPosition:
-    """Where this process's data stands: the epoch and the batches of it used so far. Checkpointed with the
-    run (every process's, since shard streams reach epoch ends at different steps), so a resume starts where
-    the run stopped even when an epoch's length is unknown."""
+    """Where this process's data stands: the epoch, the batches of it used so far, and the shuffle generator's
+    state at the epoch's start. Checkpointed with the run (every process's: shard streams reach epoch ends at
+    different steps), so a resume draws the same batches as a run that never stopped."""
 
     def __init__(self) -> None:
-        self.epoch, self.batches = 0, 0
+        self.epoch, self.batches, self.shuffle_state = 0, 0, None
 
     def state_dict(self) -> dict:  # Accelerate calls it on every process and writes the main one's
-        return {"processes": gather_object([(self.epoch, self.batches)])}
+        return {"processes": gather_object([(self.epoch, self.batches, self.shuffle_state)])}
 
     def load_state_dict(self, state: dict) -> None:
         state_, processes = PartialState(), state["processes"]
         if len(processes) != state_.num_processes:
             logger.warning("the checkpoint was written by %d processes, this run has %d: every process resumes "
                            "at the data position of the first", len(processes), state_.num_processes)
-        self.epoch, self.batches = processes[state_.process_index if len(processes) == state_.num_processes else 0]
+        mine = processes[state_.process_index if len(processes) == state_.num_processes else 0]
+        self.epoch, self.batches, self.shuffle_state = mine
+
+    def start_epoch(self, dataloader, stream: bool) -> None:
+        """Tell the loader its epoch; for a shuffled loader, put its generator where this epoch began."""
+        if stream:
+            dataloader.dataset.set_epoch(self.epoch)
+            return
+        dataloader.set_epoch(self.epoch)
+        if self.shuffle_state is not None:
+            dataloader.generator.set_state(self.shuffle_state)
+        self.shuffle_state = dataloader.generator.get_state()
+
+    def end_epoch(self, dataloader, stream: bool) -> None:
+        self.epoch, self.batches = self.epoch + 1, 0
+        self.shuffle_state = None if stream else dataloader.generator.get_state()
 
 
 def micro_batches(accelerator: Accelerator, dataloader, position: DataPosition, log: BadSampleLog) -> Iterator[dict]:
@@ -238,8 +308,7 @@ def micro_batches(accelerator: Accelerator, dataloader, position: DataPosition, 
     counted in `log`. A shard stream cannot seek: resuming reads and drops the epoch's batches already used."""
     stream = isinstance(dataloader.dataset, torch.utils.data.IterableDataset)
     while True:
-        if stream:
-            dataloader.dataset.set_epoch(position.epoch)
+        position.start_epoch(dataloader, stream)
         used = position.batches
         batches = accelerator.skip_first_batches(dataloader, used) if used and not stream else dataloader
         full = 0 if stream else used  # complete batches of this epoch so far
@@ -256,12 +325,84 @@ def micro_batches(accelerator: Accelerator, dataloader, position: DataPosition, 
         if full == 0:
             raise DataError(f"process {accelerator.process_index} got no complete batch in a whole epoch "
                             f"({log.summary()}). Check the data source, or lower --train_batch_size.")
-        position.epoch, position.batches = position.epoch + 1, 0
+        position.end_epoch(dataloader, stream)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before max_train_steps: preempted, or it could not go on. The message says what to do;
+    `exit_code` is what the command exits with."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step. The handlers
+    are removed once one arrives, so a second signal acts at once (checkpoints are atomic: that is safe)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received, self.previous = 0, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        self.__exit__()
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def requested(self, accelerator: Accelerator) -> int:
+        """The signal any process received (0: none); every process gets the same answer."""
+        if accelerator.num_processes == 1:
+            return self.received
+        return int(accelerator.reduce(torch.tensor([self.received], device=accelerator.device), "max").item())
+
+
+class NonFiniteGuard:
+    """Skips optimizer updates whose loss or gradient norm is not finite, counting them; after `limit` in a
+    row the run stops, its checkpoints (all from finite weights) kept. The decision is gathered, so every
+    process skips the same updates. Under fp16 the grad scaler already skips overflowing steps (normal while
+    it calibrates), so there only the loss counts."""
+
+    def __init__(self, accelerator: Accelerator, limit: int) -> None:
+        self.accelerator, self.limit, self.in_a_row, self.total = accelerator, limit, 0, 0
+
+    def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, step: int, out: Path) -> bool:
+        values = [loss.detach().float().reshape(1)]
+        if grad_norm is not None and self.accelerator.scaler is None:
+            values.append(grad_norm.detach().float().reshape(1).to(values[0].device))
+        if bool(torch.isfinite(self.accelerator.gather(torch.cat(values))).all()):
+            self.in_a_row = 0
+            return True
+        self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
+        logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+                       step, self.in_a_row, self.total)
+        if self.in_a_row >= self.limit:
+            latest = checkpoints(out)
+            raise TrainingStopped(
+                f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient (--max_consecutive_"
+                f"nonfinite_steps {self.limit}), up to step {step}. "
+                + (f"The last checkpoint, {latest[-1]}, holds finite weights: resume from it with a lower "
+                   "--learning_rate, or --mixed_precision bf16 instead of fp16." if latest else
+                   "No checkpoint was written yet; lower --learning_rate or use --mixed_precision bf16."))
+        return False
 
 
 def train(config: TrainConfig) -> Path:
     """Distill an LCM-LoRA; returns the folder holding pytorch_lora_weights.safetensors."""
     problems = config.validate()
+    if not problems:  # then what needs the teacher's config files and the output folder, before any weights
+        problems = teacher_problems(config.model, config.data.resolution, config.distill.num_ddim_timesteps,
+                                    encoders=not config.data.cache_dir) + output_dir_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     out = Path(config.run.output_dir)
@@ -310,37 +451,54 @@ def train(config: TrainConfig) -> Path:
 
     progress = tqdm(total=o.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="distill")
-    unet.train()
-    for batch in micro_batches(accelerator, dataloader, position, bad_samples):
-        # Accumulate gradients.
-        with accelerator.accumulate(unet), accelerator.autocast():
-            x0, c = encode_batch(teacher, batch, device, dtype, scaling_factor)
-            loss = lcd_loss(student, teacher_fn, target, x0, c, c_uncond.expand_as(c), alphas_cumprod, tau,
-                            config.distill, teacher.prediction_type).mean()
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and o.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, o.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        if ema is not None:
-            ema.update()
-        # Maintenance once per optimizer step: log, checkpoint, validate.
-        global_step += 1
-        progress.update(1)
-        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-        progress.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
-        if config.run.checkpointing_steps and global_step % config.run.checkpointing_steps == 0:
-            save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit)
-        if (accelerator.is_main_process and config.run.validation_steps and config.run.validation_prompts
-                and global_step % config.run.validation_steps == 0):
-            log_validation(accelerator, unet, config, teacher, global_step)
-        if global_step >= o.max_train_steps:
-            break
+    guard = NonFiniteGuard(accelerator, config.run.max_consecutive_nonfinite_steps)
+    need_bytes = 4 * sum(p.numel() * p.element_size() for p in params)  # LoRA, Adam's two moments, EMA
+    stop_signal = 0
+    with StopSignals() as signals:  # removed however the loop ends
+        unet.train()
+        for batch in micro_batches(accelerator, dataloader, position, bad_samples):
+            # Accumulate gradients.
+            with accelerator.accumulate(unet), accelerator.autocast():
+                x0, c = encode_batch(teacher, batch, device, dtype, scaling_factor)
+                loss = lcd_loss(student, teacher_fn, target, x0, c, c_uncond.expand_as(c), alphas_cumprod, tau,
+                                config.distill, teacher.prediction_type).mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:  # the optimizer step; skipped if anything is not finite
+                    grad_norm = accelerator.clip_grad_norm_(params, o.max_grad_norm or math.inf)
+                    if guard.finite(loss, grad_norm, global_step + 1, out):
+                        optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.update()
+            # Maintenance once per optimizer step: log, checkpoint, validate.
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if config.run.checkpointing_steps and global_step % config.run.checkpointing_steps == 0:
+                save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit, need_bytes)
+            if (accelerator.is_main_process and config.run.validation_steps and config.run.validation_prompts
+                    and global_step % config.run.validation_steps == 0):
+                log_validation(accelerator, unet, config, teacher, global_step)
+            if global_step >= o.max_train_steps:
+                break
+            stop_signal = signals.requested(accelerator)
+            if stop_signal:
+                break
     progress.close()
+    if stop_signal:
+        saved = out / f"checkpoint-{global_step}"
+        every = config.run.checkpointing_steps
+        if not (every and global_step % every == 0):  # same answer on every process: save_state is collective
+            saved = save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit, need_bytes)
+        accelerator.end_training()
+        raise TrainingStopped(f"stopped by {signal.Signals(stop_signal).name} after step {global_step}; the state "
+                              f"is in {saved}. Resume with the same command plus --resume_from_checkpoint latest.",
+                              exit_code=128 + stop_signal)
     everyone = gather_object([bad_samples]) if accelerator.num_processes > 1 else [bad_samples]
     accelerator.print(f"data: {BadSampleLog.combined(everyone).summary()}")
     accelerator.wait_for_everyone()

@@ -87,7 +87,7 @@ def test_bad_samples_are_replaced_counted_and_named(tmp_path, caplog):
     args = DataArgs(train_data_dir=str(_folder(tmp_path, BAD)), resolution=64)
     ds = load_source(args)
     tokenizer = CLIPTokenizer.from_pretrained(assets.resolve("teacher-eps") / "tokenizer")
-    batch = make_dataloader(ds, tokenizer, args, batch_size=len(ds), seed=0).collate_fn(list(enumerate(ds)))
+    batch = make_dataloader(ds, tokenizer, args, batch_size=len(ds), seed=0).collate_fn([(0, i, row) for i, row in enumerate(ds)])
     assert batch["pixel_values"].shape[0] == len(ds) == 13  # replaced, so the batch keeps its size
     named = {name.rsplit("/", 1)[-1]: reason for name, reason in batch["skipped"]}
     assert set(BAD) <= set(named)

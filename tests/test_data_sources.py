@@ -1,7 +1,6 @@
 """Every source gives the same rows and batches: imagefolder, caption files, parquet, arrow, jsonl."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,8 +61,9 @@ def test_several_caption_lines_are_several_captions(tmp_path, tokenizer):
     ds = load_source(args)
     assert ds[0]["text"] == ["a red circle", "a round red thing"]
     collate = make_dataloader(ds, tokenizer, args, batch_size=1, seed=0).collate_fn
-    seen = {tuple(collate([(0, ds[0])])["input_ids"][0, 1:4].tolist()) for _ in range(30)}
-    assert len(seen) == 2  # both captions drawn
+    per_epoch = [tuple(collate([(epoch, 0, ds[0])])["input_ids"][0, 1:4].tolist()) for epoch in range(30)]
+    assert len(set(per_epoch)) == 2  # both captions drawn, one per epoch
+    assert per_epoch == [tuple(collate([(e, 0, ds[0])])["input_ids"][0, 1:4].tolist()) for e in range(30)]
 
 
 @pytest.mark.parametrize("kind", ["parquet", "arrow_folder", "jsonl"])
@@ -111,13 +111,23 @@ def test_unusable_sources_fail_before_training_with_the_flag_named(tmp_path):
         load_source(DataArgs(dataset_name=str(tmp_path / "data.xlsx")))
 
 
-def test_workers_do_not_repeat_each_others_random_draws(imagefolder, tokenizer, monkeypatch):
-    args = DataArgs(train_data_dir=str(imagefolder), resolution=64)
+def test_random_draws_do_not_depend_on_the_number_of_workers(imagefolder, tokenizer):
+    # Each sample's flip and emptied caption are keyed by (epoch, index), so workers neither repeat each
+    # other's draws nor change them: 0 and 2 workers give the same batches.
+    args = DataArgs(train_data_dir=str(imagefolder), resolution=64, random_flip=True, proportion_empty_prompts=0.5)
     ds = load_source(args)
-    streams = []
-    for worker in (None, 0, 1):
-        info = None if worker is None else SimpleNamespace(id=worker)
-        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda info=info: info)
-        collate = make_dataloader(ds, tokenizer, args, batch_size=1, seed=0).collate_fn
-        streams.append(tuple(collate._rng().random() for _ in range(4)))
-    assert len(set(streams)) == 3
+    epochs = []
+    for workers in (0, 2):
+        args.dataloader_num_workers = workers
+        loader = make_dataloader(ds, tokenizer, args, batch_size=2, seed=0)
+        epochs.append([(b["pixel_values"], b["input_ids"]) for b in loader])
+    assert len(epochs[0]) == len(epochs[1]) == N // 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*epochs))
+    unflipped = DataArgs(train_data_dir=str(imagefolder), resolution=64)  # same shuffle, no flips
+    plain = torch.cat([b["pixel_values"] for b in make_dataloader(ds, tokenizer, unflipped, batch_size=2, seed=0)])
+    drawn = torch.cat([pixels for pixels, _ in epochs[0]])
+    flipped = sum(torch.equal(d, p.flip(-1)) and not torch.equal(d, p) for d, p in zip(drawn, plain))
+    assert 0 < flipped < N  # the draws really happen
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    emptied = sum(torch.equal(ids, empty[0]) for _, batch_ids in epochs[0] for ids in batch_ids)
+    assert 0 < emptied < N

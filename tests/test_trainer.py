@@ -9,11 +9,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lcm_lora.cli import export_main, generate_main
-from lcm_lora.config import TrainConfig
 from lcm_lora.export import DIFFUSERS_WEIGHT_NAME, LORA_CHECKPOINT_NAME
 from lcm_lora.models import resolve_teacher
 from lcm_lora.trainer import train
 from lcm_lora.world.dataset import write_imagefolder
+from tiny_run import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +21,8 @@ def data_dir(tmp_path_factory) -> Path:
     return write_imagefolder(tmp_path_factory.mktemp("world"), 32)
 
 
-def _config(data_dir: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(pretrained_teacher_model="teacher-eps", train_data_dir=str(data_dir), resolution=64,
-                  train_batch_size=4, max_train_steps=2, lora_rank=4, lora_alpha=8, learning_rate=1e-3,
-                  lr_warmup_steps=0, checkpointing_steps=1, report_to="none", output_dir=str(out), seed=0)
-    return TrainConfig.from_flat_dict({**values, **overrides})
-
-
 def test_run_writes_lora_only_checkpoints_config_and_a_loadable_lora(data_dir, tmp_path):
-    out = train(_config(data_dir, tmp_path, checkpoints_total_limit=1))
+    out = train(tiny_config(data_dir, tmp_path, checkpoints_total_limit=1))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the limit removed checkpoint-1
     files = {p.name for p in (out / "checkpoint-2").iterdir()}
     assert LORA_CHECKPOINT_NAME in files and not any("unet" in f or f.startswith("model") for f in files), files
@@ -54,8 +47,8 @@ def test_run_writes_lora_only_checkpoints_config_and_a_loadable_lora(data_dir, t
 
 
 def test_resume_continues_from_the_checkpoint_step(data_dir, tmp_path):
-    train(_config(data_dir, tmp_path, max_train_steps=1))
-    out = train(_config(data_dir, tmp_path, max_train_steps=3, resume_from_checkpoint="latest"))
+    train(tiny_config(data_dir, tmp_path, max_train_steps=1))
+    out = train(tiny_config(data_dir, tmp_path, max_train_steps=3, resume_from_checkpoint="latest"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     with safe_open(str(out / DIFFUSERS_WEIGHT_NAME), "pt") as f:
         assert f.metadata()["lcm_lora.steps_trained"] == "3"
@@ -63,7 +56,7 @@ def test_resume_continues_from_the_checkpoint_step(data_dir, tmp_path):
 
 def _update_norm(data_dir: Path, out: Path, max_grad_norm: float) -> float:
     # With a huge Adam epsilon the update is ~ lr * gradient / epsilon, so clipping shows in the weights.
-    train(_config(data_dir, out, max_train_steps=1, max_grad_norm=max_grad_norm, adam_epsilon=1e3,
+    train(tiny_config(data_dir, out, max_train_steps=1, max_grad_norm=max_grad_norm, adam_epsilon=1e3,
                   learning_rate=1.0, checkpointing_steps=0))
     return sum(v.float().norm() ** 2 for k, v in load_file(out / DIFFUSERS_WEIGHT_NAME).items() if "lora_B" in k) ** 0.5
 
@@ -91,14 +84,14 @@ def test_target_ema_updates_swaps_in_and_restores_exactly():
 
 
 def test_ema_target_is_checkpointed_and_lags_the_student(data_dir, tmp_path):
-    out = train(_config(data_dir, tmp_path, ema_decay=0.9))
-    custom = list((out / "checkpoint-2").glob("custom_checkpoint_*"))
-    assert len(custom) == 1, custom  # Accelerate saved theta- next to the LoRA
-    shadow = torch.load(custom[0], weights_only=True)["shadow"]
+    out = train(tiny_config(data_dir, tmp_path, ema_decay=0.9))
+    # Accelerate saved theta- next to the LoRA: the first object registered for checkpointing (the data
+    # position is the second)
+    shadow = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True)["shadow"]
     shadow_b = sum(v.abs().sum() for k, v in shadow.items() if "lora_B" in k)
     live_b = sum(v.abs().sum() for k, v in load_file(out / "checkpoint-2" / LORA_CHECKPOINT_NAME).items() if "lora_B" in k)
     # B starts at zero; after 2 steps theta-_B = 0.09 B_1 + 0.1 B_2: it moved, and lags the student.
     assert 0 < shadow_b < 0.5 * live_b, (shadow_b, live_b)
     # Resuming restores theta- and continues.
-    out = train(_config(data_dir, tmp_path, ema_decay=0.9, max_train_steps=3, resume_from_checkpoint="latest"))
+    out = train(tiny_config(data_dir, tmp_path, ema_decay=0.9, max_train_steps=3, resume_from_checkpoint="latest"))
     assert (out / "checkpoint-3").is_dir()

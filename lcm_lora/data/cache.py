@@ -16,7 +16,6 @@ cached run matches an uncached one with the same seed. Writing the cache lives i
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..config import DataArgs
-from .loader import pick_caption, shuffled_loader, worker_rng
+from .loader import pick_caption, sample_rng, shuffled_loader
 from .sources import DataError
 
 FORMAT = "lcm-lora-cache/1"
@@ -88,14 +87,13 @@ class CachedEncodings(torch.utils.data.Dataset):
 class CachedCollate:
     def __init__(self, empty_embed: torch.Tensor, proportion_empty: float, seed: int) -> None:
         self.empty, self.proportion_empty, self.seed = empty_embed, proportion_empty, seed
-        self.rng: random.Random | None = None
 
-    def __call__(self, samples: list[dict]) -> dict:
-        self.rng = self.rng or worker_rng(self.seed)
-        embeds = []
-        for s in samples:
-            index = pick_caption(list(range(len(s["text_embeds"]))), self.proportion_empty, self.rng)
-            embeds.append(self.empty if index == "" else s["text_embeds"][index])
+    def __call__(self, items: list[tuple[int, int, dict]]) -> dict:
+        samples, embeds = [s for _, _, s in items], []
+        for epoch, index, s in items:  # the image loader's draws for the same sample: the same caption
+            choice = pick_caption(list(range(len(s["text_embeds"]))), self.proportion_empty,
+                                  sample_rng(self.seed, epoch, index))
+            embeds.append(self.empty if choice == "" else s["text_embeds"][choice])
         return {
             "latent_parameters": torch.stack([s["latent_parameters"] for s in samples]),
             "encoder_hidden_states": torch.stack(embeds),

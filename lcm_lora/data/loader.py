@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
+from typing import Iterator
 
 import torch
 
@@ -75,11 +76,11 @@ def sample_name(row: dict, image_column: str, index: int) -> str:
     return str(value) if isinstance(value, str) else f"row {index}"
 
 
-def worker_rng(seed: int) -> random.Random:
-    """The calling process's random stream: data-loader workers must not repeat each other's crops and
-    captions, and the main process (0 workers) keeps the plain seed."""
-    info = torch.utils.data.get_worker_info()
-    return random.Random(seed + (0 if info is None else 1_000_003 * (info.id + 1)))
+def sample_rng(seed: int, epoch: int, key) -> random.Random:
+    """One sample's random stream in one epoch (crop, flip, caption, replacement). Keyed by the sample, not
+    drawn from a running stream, so it is the same whatever the number of workers, the order they run in, or
+    the step a run was resumed at. (A str seed is hashed with SHA-512: the same in every process.)"""
+    return random.Random(f"{seed}/{epoch}/{key}")
 
 
 class Collate:
@@ -87,27 +88,22 @@ class Collate:
 
     def __init__(self, ds, args: DataArgs, tokenizer, seed: int) -> None:
         self.ds, self.args, self.tokenizer, self.seed = ds, args, tokenizer, seed
-        self.rng: random.Random | None = None
 
-    def _rng(self) -> random.Random:
-        if self.rng is None:
-            self.rng = worker_rng(self.seed)
-        return self.rng
+    def _sample(self, row: dict, rng: random.Random) -> tuple[torch.Tensor, dict, str]:
+        pixels, geometry, captions = decode_row(row, self.args, rng)
+        return pixels, geometry, pick_caption(captions, self.args.proportion_empty_prompts, rng)
 
-    def _sample(self, row: dict) -> tuple[torch.Tensor, dict, str]:
-        pixels, geometry, captions = decode_row(row, self.args, self._rng())
-        return pixels, geometry, pick_caption(captions, self.args.proportion_empty_prompts, self._rng())
-
-    def __call__(self, rows: list[tuple[int, dict]]) -> dict:
+    def __call__(self, items: list[tuple[int, int, dict]]) -> dict:
         samples, skipped = [], []
-        for index, row in rows:
+        for epoch, index, row in items:
+            rng = sample_rng(self.seed, epoch, index)
             for _ in range(MAX_REPLACEMENTS):
                 try:
-                    samples.append(self._sample(row))
+                    samples.append(self._sample(row, rng))
                     break
                 except BadSample as err:
                     skipped.append((sample_name(row, self.args.image_column, index), str(err)))
-                    index = self._rng().randrange(len(self.ds))
+                    index = rng.randrange(len(self.ds))
                     row = self.ds[index]
             else:
                 raise DataError(f"{MAX_REPLACEMENTS} bad samples in a row, last: {skipped[-1][0]}: "
@@ -115,8 +111,23 @@ class Collate:
         return make_batch(samples, skipped, self.tokenizer)
 
 
-class IndexedRows(torch.utils.data.Dataset):
-    """(index, row) pairs, so a skipped sample can be named even when it has no path."""
+class EpochShuffle(torch.utils.data.RandomSampler):
+    """PyTorch's shuffle, yielding (epoch, index): the epoch keys each sample's randomness. The trainer
+    sets the epoch (Accelerate forwards `set_epoch` to the sampler)."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        for index in super().__iter__():
+            yield epoch, index
+
+
+class Keyed(torch.utils.data.Dataset):
+    """(epoch, index) -> (epoch, index, item): the collate keys randomness by them and names bad samples."""
 
     def __init__(self, ds) -> None:
         self.ds = ds
@@ -124,17 +135,21 @@ class IndexedRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, index: int) -> tuple[int, dict]:
-        return index, self.ds[index]
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, dict]:
+        epoch, index = key
+        return epoch, index, self.ds[index]
 
 
 def shuffled_loader(dataset, collate, args: DataArgs, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
-    """The one loader shape of every source: seeded shuffle, full batches, optional workers."""
+    """The one loader shape of every map-style source: seeded shuffle, full batches, optional workers. The
+    generator is the loader's own: the trainer checkpoints its state at each epoch start to resume exactly."""
+    generator = torch.Generator().manual_seed(seed)
+    keyed = Keyed(dataset)
     return torch.utils.data.DataLoader(
-        dataset,
+        keyed,
         batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        sampler=EpochShuffle(keyed, generator=generator),
+        generator=generator,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
         drop_last=True,
@@ -143,7 +158,7 @@ def shuffled_loader(dataset, collate, args: DataArgs, batch_size: int, seed: int
 
 
 def make_dataloader(ds, tokenizer, args: DataArgs, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
-    return shuffled_loader(IndexedRows(ds), Collate(ds, args, tokenizer, seed), args, batch_size, seed)
+    return shuffled_loader(ds, Collate(ds, args, tokenizer, seed), args, batch_size, seed)
 
 
 class BadSampleLog:

@@ -25,7 +25,7 @@ import torch
 
 from ..config import DataArgs
 from .images import BadSample
-from .loader import decode_row, make_batch, pick_caption, worker_rng
+from .loader import decode_row, make_batch, pick_caption, sample_rng
 from .sources import DataError
 
 FLAG = "--train_shards_path_or_url"
@@ -143,10 +143,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         shards = self.shards(*(0, 1) if info is None else (info.id, info.num_workers))
-        rng = worker_rng(self.seed + 7919 * self.epoch + 104_729 * self.rank)
         samples, skipped = [], []
         for url in shards:
             for row in shard_rows(url, self.args, skipped):
+                rng = sample_rng(self.seed, self.epoch, row[NAME])
                 try:
                     pixels, geometry, captions = decode_row(row, self.args, rng)
                 except BadSample as err:
