@@ -17,11 +17,11 @@ from lcm_lora.export import DIFFUSERS_WEIGHT_NAME
 from lcm_lora.world.dataset import write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
-# 24 images, batch 4: 6 micro-batches an epoch, so 8 steps cross epochs; flips and emptied prompts use the
+# 24 images, batch 4: 6 micro-batches an epoch, so runs cross epochs; flips and emptied prompts use the
 # data randomness, a constant LR keeps runs of different lengths comparable step for step.
 FLAGS = dict(pretrained_teacher_model="teacher-eps", resolution=64, train_batch_size=4, lora_rank=4, lora_alpha=8,
              learning_rate=1e-3, lr_warmup_steps=0, report_to="none", seed=0, random_flip=True,
-             proportion_empty_prompts=0.3, max_train_steps=8, checkpointing_steps=3)
+             proportion_empty_prompts=0.3, max_train_steps=10, checkpointing_steps=3)
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +44,24 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_lora(data_dir, tmp_path, accumulation):
-    whole = _train(data_dir, tmp_path / "whole", gradient_accumulation_steps=accumulation)
+    # Killed after the checkpoint at micro-batch 8: inside the second epoch, so the resume must restore that
+    # epoch's shuffle, not replay the first one's.
+    every = 8 // accumulation
+    flags = dict(gradient_accumulation_steps=accumulation, checkpointing_steps=every)
+    whole = _train(data_dir, tmp_path / "whole", **flags)
     out = tmp_path / "killed"
     argv = [sys.executable, str(ROOT / "train_lcm_lora.py")]
-    for key, value in _flags(data_dir, out, gradient_accumulation_steps=accumulation).items():
+    for key, value in _flags(data_dir, out, **flags).items():
         argv += [f"--{key}", str(value)] if not isinstance(value, bool) else [f"--{key}" if value else f"--no-{key}"]
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (out / "checkpoint-3").is_dir() and process.poll() is None and time.monotonic() < deadline:
+    while not (out / f"checkpoint-{every}").is_dir() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)  # wherever it is now: step 4 or 5, or saving checkpoint-6
+    os.kill(process.pid, signal.SIGKILL)  # wherever it is now: a step or two later
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / DIFFUSERS_WEIGHT_NAME).exists()
-    resumed = _train(data_dir, out, gradient_accumulation_steps=accumulation, resume_from_checkpoint="latest")
+    resumed = _train(data_dir, out, **flags, resume_from_checkpoint="latest")
     # CPU kernels are deterministic, every random draw is restored or keyed: measured bit-identical.
     assert _same(whole, resumed)
 
