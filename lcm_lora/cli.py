@@ -32,7 +32,8 @@ def train_main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         sys.exit(f"error: {err}")
     from .data import DataError
-    from .trainer import TrainingStopped, train
+    from .checkpoint import TrainingStopped
+    from .trainer import train
 
     try:
         train(config)

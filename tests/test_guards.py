@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from lcm_lora import trainer
+from lcm_lora.checkpoint import TrainingStopped, checkpoints
 from lcm_lora.config import ConfigError, TrainConfig
 from lcm_lora.export import DIFFUSERS_WEIGHT_NAME, LORA_CHECKPOINT_NAME
 from lcm_lora.world import assets
@@ -133,7 +134,7 @@ def test_non_finite_steps_are_skipped_and_counted(data_dir, tmp_path, monkeypatc
 
 def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     _nan_at(monkeypatch, set(range(3, 100)))
-    with pytest.raises(trainer.TrainingStopped, match=r"2 optimizer steps in a row had a non-finite loss .* up to "
+    with pytest.raises(TrainingStopped, match=r"2 optimizer steps in a row had a non-finite loss .* up to "
                                                       r"step 4\. The last checkpoint, .*checkpoint-2, holds finite"):
         trainer.train(_config(data_dir, tmp_path, max_train_steps=10, max_consecutive_nonfinite_steps=2))
     state = load_file(tmp_path / "checkpoint-2" / LORA_CHECKPOINT_NAME)
@@ -142,12 +143,12 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_good_checkpoint(d
 
 def test_too_little_disk_stops_before_writing_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
     real = shutil.disk_usage
-    monkeypatch.setattr(trainer.shutil, "disk_usage",
+    monkeypatch.setattr(shutil, "disk_usage",
                         lambda path: SimpleNamespace(free=0) if (Path(path) / "checkpoint-2").exists() else real(path))
-    with pytest.raises(trainer.TrainingStopped, match=r"MiB free, too little for checkpoint-4 .*checkpoint-2 is "
+    with pytest.raises(TrainingStopped, match=r"MiB free, too little for checkpoint-4 .*checkpoint-2 is "
                                                       r"intact\. Free some space"):
         trainer.train(_config(data_dir, tmp_path))
-    assert [p.name for p in trainer.checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -160,10 +161,10 @@ def test_a_failed_write_is_reported_and_the_previous_checkpoint_kept(data_dir, t
         return real(self, output_dir, **kwargs)
 
     monkeypatch.setattr(trainer.Accelerator, "save_state", disk_full)
-    with pytest.raises(trainer.TrainingStopped, match=r"saving checkpoint-4 failed \(\[Errno 28\] No space left on "
+    with pytest.raises(TrainingStopped, match=r"saving checkpoint-4 failed \(\[Errno 28\] No space left on "
                                                       r"device\); .*checkpoint-2 is intact"):
         trainer.train(_config(data_dir, tmp_path))
-    assert [p.name for p in trainer.checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -184,7 +185,7 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_says_how_to_resume(data
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + sig, stderr[-2000:]
-    stopped = [p.name for p in trainer.checkpoints(out)]
+    stopped = [p.name for p in checkpoints(out)]
     assert len(stopped) == 1 and f"stopped by {sig.name} after step {stopped[0].split('-')[1]}" in stderr
     assert "Resume with the same command plus --resume_from_checkpoint latest." in stderr
     resumed = trainer.train(TrainConfig.from_flat_dict({**config.to_flat_dict(), "output_dir": str(out),

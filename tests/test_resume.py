@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lcm_lora import trainer
+from lcm_lora.checkpoint import checkpoints, find_checkpoint
 from lcm_lora.config import TrainConfig
 from lcm_lora.export import DIFFUSERS_WEIGHT_NAME
 from lcm_lora.world.dataset import write_imagefolder
@@ -82,14 +83,14 @@ def test_a_save_cut_off_midway_leaves_the_previous_checkpoint_latest(data_dir, t
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         _train(data_dir, out, **limit)
-    assert [p.name for p in trainer.checkpoints(out)] == ["checkpoint-3"]
-    assert trainer.find_checkpoint(out, "latest") == out / "checkpoint-3"
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-3"]
+    assert find_checkpoint(out, "latest") == out / "checkpoint-3"
     monkeypatch.setattr(trainer.Accelerator, "save_state", real_save)
     resumed = _train(data_dir, out, **limit, resume_from_checkpoint="latest")
     assert _same(whole, resumed)
-    assert [p.name for p in trainer.checkpoints(out)] == ["checkpoint-6"]
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-6"]
 
 
 def test_the_checkpoint_limit_keeps_the_newest(data_dir, tmp_path):
     _train(data_dir, tmp_path, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2)
-    assert [p.name for p in trainer.checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
