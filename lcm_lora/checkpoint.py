@@ -55,10 +55,16 @@ def register_lora_checkpointing(accelerator: Accelerator) -> None:
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """N of a `checkpoint-N` folder; None for anything else (a cut-off `checkpoint-N.partial`)."""
+    match = CHECKPOINT.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; a `.partial` folder (a save that was cut off) is not one."""
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and CHECKPOINT.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
+    """Complete checkpoints, oldest first."""
+    return sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None),
+                  key=checkpoint_step)
 
 
 def find_checkpoint(out: Path, resume: str | None) -> Path | None:
@@ -68,6 +74,8 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
         path = Path(resume)
         if not path.is_dir():
             raise ConfigError(f"--resume_from_checkpoint {resume}: no such folder.")
+        if checkpoint_step(path) is None:  # the step trained so far is read from the name
+            raise ConfigError(f"--resume_from_checkpoint {resume}: not a checkpoint-N folder of a training run.")
         return path
     found = checkpoints(out)
     return found[-1] if found else None
@@ -97,8 +105,9 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, limit: int |
     intact = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
-        need = max(need_bytes, sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file())) if previous \
-            else need_bytes
+        need = need_bytes
+        if previous:  # the last checkpoint's real size, when it is larger than the estimate
+            need = max(need, sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()))
         free = shutil.disk_usage(out).free
         if free < 2 * need:  # twice: the new checkpoint exists next to the old one until the rename
             raise TrainingStopped(f"--output_dir {out}: {free / 2**20:.0f} MiB free, too little for checkpoint-{step} "

@@ -61,7 +61,7 @@ def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> T
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
         unet_model = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant,
                                                           **common) if unet else None
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:
         if args.allow_pickle_weights or not _has_pickle_weights(source):
             raise
         raise ConfigError(f"--pretrained_teacher_model {args.pretrained_teacher_model}: it has pickle weights "

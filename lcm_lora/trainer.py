@@ -22,8 +22,8 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from . import export
-from .checkpoint import (DataPosition, TrainingStopped, checkpoints, find_checkpoint, output_dir_problems,
-                         register_lora_checkpointing, save_checkpoint)
+from .checkpoint import (DataPosition, TrainingStopped, checkpoint_step, checkpoints, find_checkpoint,
+                         output_dir_problems, register_lora_checkpointing, save_checkpoint)
 from .config import ConfigError, OptimArgs, TrainConfig, to_yaml
 from .data import BadSampleLog, DataError, load_source, make_dataloader
 from .data.cache import make_cached_dataloader, read_manifest, sample_latents
@@ -307,7 +307,7 @@ def train(config: TrainConfig) -> Path:
     checkpoint = find_checkpoint(out, config.run.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name.split("-")[1])
+        global_step = checkpoint_step(checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {global_step}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +319,7 @@ def train(config: TrainConfig) -> Path:
                     desc="distill")
     guard = NonFiniteGuard(accelerator, config.run.max_consecutive_nonfinite_steps)
     need_bytes = 4 * sum(p.numel() * p.element_size() for p in params)  # LoRA, Adam's two moments, EMA
-    stop_signal = 0
+    stop_signal, saved = 0, None
     with StopSignals() as signals:  # removed however the loop ends
         unet.train()
         for batch in micro_batches(accelerator, dataloader, position, bad_samples):
@@ -346,7 +346,7 @@ def train(config: TrainConfig) -> Path:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if config.run.checkpointing_steps and global_step % config.run.checkpointing_steps == 0:
-                save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit, need_bytes)
+                saved = save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit, need_bytes)
             if (accelerator.is_main_process and config.run.validation_steps and config.run.validation_prompts
                     and global_step % config.run.validation_steps == 0):
                 log_validation(accelerator, unet, config, teacher, global_step)
@@ -357,16 +357,13 @@ def train(config: TrainConfig) -> Path:
                 break
     progress.close()
     if stop_signal:
-        saved = out / f"checkpoint-{global_step}"
-        every = config.run.checkpointing_steps
-        if not (every and global_step % every == 0):  # same answer on every process: save_state is collective
+        if saved is None or checkpoint_step(saved) != global_step:  # the same on every process: saving is collective
             saved = save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit, need_bytes)
         accelerator.end_training()
         raise TrainingStopped(f"stopped by {signal.Signals(stop_signal).name} after step {global_step}; the state "
                               f"is in {saved}. Resume with the same command plus --resume_from_checkpoint latest.",
                               exit_code=128 + stop_signal)
-    everyone = gather_object([bad_samples]) if accelerator.num_processes > 1 else [bad_samples]
-    accelerator.print(f"data: {BadSampleLog.combined(everyone).summary()}")
+    accelerator.print(f"data: {BadSampleLog.combined(gather_object([bad_samples])).summary()}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path = export_lora(accelerator, unet, config, teacher, global_step, out)

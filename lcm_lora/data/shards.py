@@ -26,7 +26,7 @@ import torch
 from ..config import DataArgs
 from .images import BadSample
 from .loader import decode_row, make_batch, pick_caption, sample_rng
-from .sources import DataError
+from .sources import DataError, caption_lines
 
 FLAG = "--train_shards_path_or_url"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -105,8 +105,7 @@ def _row(sample: dict, args: DataArgs) -> dict:
 def _captions(sample: dict) -> list[str]:
     for key in CAPTION_KEYS:
         if key in sample:
-            text = sample[key].decode("utf-8", errors="replace")
-            return [line.strip() for line in text.splitlines() if line.strip()]
+            return caption_lines(sample[key])
     if "json" in sample:
         try:
             meta = json.loads(sample["json"])

@@ -94,6 +94,11 @@ def read_captions(image: Path) -> list[str]:
     for suffix in CAPTION_SUFFIXES:
         file = image.with_suffix(suffix)
         if file.is_file():
-            text = file.read_text(encoding="utf-8", errors="replace")
-            return [line.strip() for line in text.splitlines() if line.strip()]
+            return caption_lines(file.read_bytes())
     return []
+
+
+def caption_lines(data: bytes) -> list[str]:
+    """Captions of a caption file (folder or shard member): its non-empty lines, stripped."""
+    text = data.decode("utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
