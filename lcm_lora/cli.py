@@ -3,7 +3,8 @@
     lcm-lora train --config configs/tiny.yaml [--flag value ...] [--dry-run]
     lcm-lora cache --config configs/tiny.yaml --cache_dir cache/tiny-eps   # encode the data once
     lcm-lora generate --pretrained_model teacher-eps --lora output/tiny-eps --prompt "a red circle ..."
-    lcm-lora export --checkpoint output/tiny-eps/checkpoint-400 --output_dir exported/
+    lcm-lora export --checkpoint output/tiny-eps/checkpoint-400 --output_dir exported/ --formats kohya diffusers
+    lcm-lora merge --checkpoint model.safetensors --lora output/tiny-eps --output merged.safetensors --single_file_config DIR
     lcm-lora world dataset|quality|build ...
 """
 
@@ -15,7 +16,11 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .export import DTYPES
+
+# Bad input of the file commands: each message names the file or flag (ConfigError, LoraFormatError and
+# UnreadableFileError are ValueErrors; NotImplementedError is a model layout without an LDM form).
+USER_ERRORS = (ValueError, OSError, NotImplementedError)
 
 
 def train_main(argv: list[str] | None = None) -> None:
@@ -70,7 +75,10 @@ def cache_main(argv: list[str] | None = None) -> None:
 
 def generate_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lcm-lora generate", description="Few-step images with an LCM-LoRA.")
-    parser.add_argument("--pretrained_model", required=True, help="Base model: hub id, folder, or teacher-eps.")
+    parser.add_argument("--pretrained_model", required=True,
+                        help="Base model: hub id, folder, teacher-eps, or a single-file .safetensors checkpoint.")
+    parser.add_argument("--single_file_config", default=None,
+                        help="For a single-file --pretrained_model: a local diffusers folder with its configs.")
     parser.add_argument("--lora", default=None, help="Folder or .safetensors file of the LoRA (omit: no LoRA).")
     parser.add_argument("--prompt", nargs="+", required=True)
     parser.add_argument("--num_inference_steps", type=int, default=4)
@@ -88,26 +96,62 @@ def generate_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from .inference import generate, load_lcm_pipeline, save_images
 
-    pipe = load_lcm_pipeline(args.pretrained_model, args.lora, args.device, DTYPES[args.dtype],
-                             args.num_ddim_timesteps, args.timestep_scaling_factor)
+    try:
+        pipe = load_lcm_pipeline(args.pretrained_model, args.lora, args.device, DTYPES[args.dtype],
+                                 args.num_ddim_timesteps, args.timestep_scaling_factor, args.single_file_config)
+    except USER_ERRORS as err:
+        sys.exit(f"error: {err}")
     images = generate(pipe, args.prompt, args.num_inference_steps, args.guidance_scale, args.seed,
                       args.height, args.width)
     print(f"wrote {len(images)} images and {save_images(images, args.output_dir)}")
 
 
 def export_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lcm-lora export",
-                                     description="Write a training checkpoint's LoRA in diffusers format.")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="A checkpoint-N folder of a training run.")
+    from .config import EXPORT_FORMATS
+
+    parser = argparse.ArgumentParser(prog="lcm-lora export", description="Write a LoRA in the formats each tool loads.")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="A checkpoint-N folder, a training output folder, or a LoRA .safetensors (diffusers or kohya).")
     parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--formats", nargs="+", choices=EXPORT_FORMATS, default=None,
+                        help="diffusers: pytorch_lora_weights.safetensors; kohya: <output_name>.safetensors for "
+                             "ComfyUI/A1111; hub: kohya keys in hub/pytorch_lora_weights.safetensors. "
+                             "Default: the run's --export_formats, else diffusers kohya.")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="dtype of the LoRA weights (alpha stays fp32). Default: the run's --export_dtype, else fp16.")
+    parser.add_argument("--output_name", default=None, help="kohya file name and title; default lcm-lora-<teacher>.")
+    parser.add_argument("--pretrained_teacher_model", default=None,
+                        help="The base model, when the source does not record it (a LoRA from elsewhere).")
+    parser.add_argument("--single_file_config", default=None, help="Config folder, when that base model is a single file.")
     args = parser.parse_args(argv)
-    from .export import export_checkpoint
+    from .convert import export_lora_files
 
     try:
-        print(f"wrote {export_checkpoint(args.checkpoint, args.output_dir, DTYPES[args.dtype])}")
-    except FileNotFoundError as err:
+        paths = export_lora_files(args.checkpoint, args.output_dir, args.formats, args.dtype and DTYPES[args.dtype],
+                                  args.pretrained_teacher_model, args.single_file_config, args.output_name)
+    except USER_ERRORS as err:
         sys.exit(f"error: {err}")
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def merge_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lcm-lora merge",
+                                     description="Bake a LoRA into a single-file checkpoint (original SD key layout).")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="The model: a single-file .safetensors.")
+    parser.add_argument("--lora", type=Path, required=True, help="A LoRA file or folder (diffusers or kohya keys).")
+    parser.add_argument("--output", type=Path, required=True, help="The merged .safetensors to write.")
+    parser.add_argument("--single_file_config", required=True,
+                        help="A local diffusers folder with the model's configs (its unet/config.json names the blocks).")
+    parser.add_argument("--strength", type=float, default=1.0, help="Multiplier of the LoRA's update.")
+    args = parser.parse_args(argv)
+    from .convert import merge_lora
+
+    try:
+        path, changed = merge_lora(args.checkpoint, args.lora, args.output, args.single_file_config, args.strength)
+    except USER_ERRORS as err:
+        sys.exit(f"error: {err}")
+    print(f"wrote {path}: {changed} UNet tensors changed, every other tensor as it was")
 
 
 def world_main(argv: list[str]) -> None:
@@ -119,7 +163,8 @@ def world_main(argv: list[str]) -> None:
     commands[argv[0]](argv[1:])
 
 
-COMMANDS = {"train": train_main, "cache": cache_main, "generate": generate_main, "export": export_main, "world": world_main}
+COMMANDS = {"train": train_main, "cache": cache_main, "generate": generate_main, "export": export_main,
+            "merge": merge_main, "world": world_main}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+EXPORT_FORMATS = ("diffusers", "kohya", "hub")
+EXPORT_DTYPES = ("fp32", "fp16", "bf16")
 LOSS_TYPES = ("l2", "huber")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -43,6 +45,9 @@ class ModelArgs:
         "Teacher: a hub id, a local diffusers folder, or a bundled tiny teacher (teacher-eps, teacher-vpred)."))
     revision: str | None = field(default=None, metadata=_help("Hub revision of the teacher."))
     variant: str | None = field(default=None, metadata=_help("Weight variant of the teacher, e.g. fp16."))
+    single_file_config: str | None = field(default=None, metadata=_help(
+        "For a single-file teacher (.safetensors in the original SD layout, e.g. a community checkpoint): a "
+        "local diffusers folder (or hub id) holding the base model's configs and tokenizer, so loading works offline."))
     allow_pickle_weights: bool = field(default=False, metadata=_help(
         "Also load .bin/.ckpt (pickle) weights, which can run code when loaded; only for files you trust."))
     prediction_type: str | None = field(default=None, metadata=_help(
@@ -136,6 +141,12 @@ class RunArgs:
     validation_prompts: tuple[str, ...] = field(default=(), metadata=_help("Prompts for validation images."))
     validation_inference_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=_help(
         "LCM step counts shown at each validation."))
+    export_formats: tuple[str, ...] = field(default=("diffusers", "kohya"), metadata=_help(
+        "LoRA files written at the end: diffusers (pytorch_lora_weights.safetensors), kohya (<output_name>.safetensors "
+        "for ComfyUI / A1111 / Forge / InvokeAI), hub (kohya keys in hub/pytorch_lora_weights.safetensors)."))
+    export_dtype: str = field(default="fp16", metadata=_help("dtype of exported LoRA weights: fp16, bf16 or fp32."))
+    output_name: str | None = field(default=None, metadata=_help(
+        "Name of the kohya file and its ss_output_name / modelspec.title; default lcm-lora-<teacher name>."))
     report_to: str = field(default="tensorboard", metadata=_help("Accelerate tracker(s): tensorboard, wandb, all, none."))
     logging_dir: str = field(default="logs", metadata=_help("Tracker log folder, inside output_dir."))
 
@@ -204,6 +215,11 @@ class TrainConfig:
             problems.append(f"--ema_decay must be in [0, 1) (0 = the student itself as target), got {c.distill.ema_decay}.")
         if c.run.mixed_precision not in MIXED_PRECISION:
             problems.append(f"--mixed_precision must be one of {MIXED_PRECISION}, got {c.run.mixed_precision!r}.")
+        bad_formats = [f for f in c.run.export_formats if f not in EXPORT_FORMATS]
+        if bad_formats:
+            problems.append(f"--export_formats {' '.join(bad_formats)}: unknown; choose from {', '.join(EXPORT_FORMATS)}.")
+        if c.run.export_dtype not in EXPORT_DTYPES:
+            problems.append(f"--export_dtype must be one of {EXPORT_DTYPES}, got {c.run.export_dtype!r}.")
         if c.optim.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {c.optim.lr_scheduler!r}.")
         for flag in ("lora_rank", "num_ddim_timesteps", "train_batch_size", "max_train_steps",

@@ -10,20 +10,23 @@ from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
 
 from .export import lcm_scheduler_settings
-from .models import resolve_teacher
+from .models import is_single_file, resolve_teacher
+from .single_file import load_single_file_pipeline
+from .world import assets
 
 
 def load_lcm_pipeline(pretrained_model: str, lora: str | Path | None, device: str = "cpu",
                       dtype: torch.dtype = torch.float32, original_inference_steps: int | None = None,
-                      timestep_scaling: float | None = None):
+                      timestep_scaling: float | None = None, single_file_config: str | None = None):
     """The base pipeline with LCMScheduler and the LoRA loaded exactly as a user would load it.
 
-    `original_inference_steps` and `timestep_scaling` must equal the training run's
-    num_ddim_timesteps and timestep_scaling_factor: None takes them from the LoRA's metadata,
-    else LCMScheduler's defaults (50 and 10).
+    `pretrained_model` is a hub id, a folder, a bundled teacher, or a single-file checkpoint (then
+    `single_file_config` names the local folder with its configs). `original_inference_steps` and
+    `timestep_scaling` must equal the training run's num_ddim_timesteps and timestep_scaling_factor:
+    None takes them from the LoRA's metadata, else LCMScheduler's defaults (50 and 10).
     """
-    pipe = DiffusionPipeline.from_pretrained(resolve_teacher(pretrained_model), safety_checker=None,
-                                             use_safetensors=True)
+    pipe = load_base_pipeline(pretrained_model, single_file_config)
+    lora = assets.resolve(lora) if lora is not None else None  # a path, or the bundled style-dusk example
     settings = lcm_scheduler_settings(lora) if lora is not None else {}
     for name, value in (("original_inference_steps", original_inference_steps), ("timestep_scaling", timestep_scaling)):
         if value is not None:
@@ -33,6 +36,14 @@ def load_lcm_pipeline(pretrained_model: str, lora: str | Path | None, device: st
         pipe.load_lora_weights(str(lora))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
+
+
+def load_base_pipeline(pretrained_model: str, single_file_config: str | None = None):
+    """A diffusers pipeline from a hub id, folder, bundled teacher or single-file checkpoint, safetensors only."""
+    source = resolve_teacher(pretrained_model)
+    if is_single_file(source):
+        return load_single_file_pipeline(source, single_file_config)
+    return DiffusionPipeline.from_pretrained(source, safety_checker=None, use_safetensors=True)
 
 
 def make_grid(images: list[Image.Image], columns: int) -> Image.Image:

@@ -37,9 +37,52 @@ def resolve_teacher(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> Teacher:
-    """The teacher's parts from a hub id or folder; `encoders` / `unet` False leave those out."""
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+def is_single_file(source: str) -> bool:
+    """A community checkpoint: one file in the original SD key layout rather than a diffusers folder."""
+    return Path(source).suffix in SINGLE_FILE_SUFFIXES
+
+
+def config_source(args: ModelArgs) -> str:
+    """Where the teacher's config files live: its folder or hub id, or the --single_file_config folder of a single
+    file (a bundled teacher's name and a cached hub id resolve to folders: never a download)."""
     source = resolve_teacher(args.pretrained_teacher_model)
+    if not is_single_file(source):
+        return source
+    from .single_file import config_folder
+
+    return str(config_folder(args.single_file_config, source))
+
+
+def unet_config(args: ModelArgs) -> dict:
+    """The teacher UNet's config, read from config files only."""
+    return load_unet_config(config_source(args), args.revision, f"--pretrained_teacher_model {args.pretrained_teacher_model}")
+
+
+def load_unet_config(source: str, revision: str | None = None, flag: str = "") -> dict:
+    try:
+        return dict(UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision))
+    except OSError as err:
+        raise ConfigError(f"{flag or source}: cannot read a UNet config from {source} ({err}).") from None
+
+
+def unet_module_paths(unet_config: dict) -> dict[str, torch.Size]:
+    """Every Linear / Conv2d path of a UNet with this config and its weight's shape, built on the meta device
+    (no memory, no weights): what a LoRA may target."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+    return {name: m.weight.shape for name, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> Teacher:
+    """The teacher's parts from a hub id, a folder or a single file; `encoders` / `unet` False leave those out."""
+    source = resolve_teacher(args.pretrained_teacher_model)
+    if is_single_file(source):
+        return _load_single_file_teacher(args, encoders, unet)
     if Path(source).exists() and not (Path(source) / "unet").is_dir():
         raise FileNotFoundError(
             f"--pretrained_teacher_model {source}: no 'unet' subfolder. Give a diffusers pipeline folder "
@@ -48,10 +91,7 @@ def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> T
     # use_safetensors=True: diffusers and transformers refuse pickle weights instead of falling back to them.
     common = dict(revision=args.revision, use_safetensors=None if args.allow_pickle_weights else True)
     noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=args.revision)
-    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"{source}: prediction type {prediction_type!r} is not one of {PREDICTION_TYPES}; "
-                         "set --prediction_type.")
+    prediction_type = _prediction_type(args, noise_scheduler, source)
     tokenizer = text_encoder = vae = None
     try:
         if encoders:
@@ -79,6 +119,32 @@ def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> T
     )
 
 
+def _load_single_file_teacher(args: ModelArgs, encoders: bool, unet: bool) -> Teacher:
+    """diffusers' from_single_file builds every part; the ones not asked for are dropped at once."""
+    from .single_file import load_single_file_pipeline
+
+    pipe = load_single_file_pipeline(resolve_teacher(args.pretrained_teacher_model), args.single_file_config,
+                                     allow_pickle_weights=args.allow_pickle_weights)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return Teacher(
+        tokenizer=pipe.tokenizer if encoders else None,
+        text_encoder=pipe.text_encoder if encoders else None,
+        vae=pipe.vae if encoders else None,
+        unet=pipe.unet if unet else None,
+        noise_scheduler=noise_scheduler,
+        prediction_type=_prediction_type(args, noise_scheduler, args.pretrained_teacher_model),
+        source=args.pretrained_teacher_model,
+    )
+
+
+def _prediction_type(args: ModelArgs, noise_scheduler: DDPMScheduler, source: str) -> str:
+    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"{source}: prediction type {prediction_type!r} is not one of {PREDICTION_TYPES}; "
+                         "set --prediction_type.")
+    return prediction_type
+
+
 def _has_pickle_weights(source: str) -> bool:
     folder = Path(source)
     return folder.is_dir() and any(p.suffix in (".bin", ".ckpt", ".pt", ".pth") for p in folder.glob("*/*"))
@@ -88,7 +154,14 @@ def teacher_problems(args: ModelArgs, resolution: int, num_ddim_timesteps: int, 
     """What makes the teacher unusable for this run, read from its config files before any weight loads."""
     name, source = args.pretrained_teacher_model, resolve_teacher(args.pretrained_teacher_model)
     flag = f"--pretrained_teacher_model {name}"
-    if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+    if is_single_file(source):
+        from .single_file import single_file_problems
+
+        problems = single_file_problems(source, args.single_file_config, args.allow_pickle_weights)
+        if problems:
+            return [f"{flag}: {p}" for p in problems]
+        source = config_source(args)
+    elif not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         return [f"{flag}: no such folder."]  # a hub id is owner/name; anything else is a path
     if Path(source).is_dir():
         needed = ["unet", "scheduler"] + (["vae", "text_encoder", "tokenizer"] if encoders else [])
@@ -193,7 +266,7 @@ def teacher_fingerprint(args: ModelArgs) -> dict:
 
     from transformers import CLIPTextConfig
 
-    source = resolve_teacher(args.pretrained_teacher_model)
+    source = config_source(args)
     configs = {
         "vae": dict(AutoencoderKL.load_config(source, subfolder="vae", revision=args.revision)),
         "text_encoder": CLIPTextConfig.from_pretrained(source, subfolder="text_encoder",
@@ -203,6 +276,6 @@ def teacher_fingerprint(args: ModelArgs) -> dict:
         for key in [k for k in config if k.startswith("_") or k == "transformers_version"]:
             config.pop(key)
     digest = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    name = args.pretrained_teacher_model
-    teacher = name if name in assets.BUNDLED or not Path(source).exists() else str(Path(source).resolve())
+    name, weights = args.pretrained_teacher_model, resolve_teacher(args.pretrained_teacher_model)
+    teacher = name if name in assets.BUNDLED or not Path(weights).exists() else str(Path(weights).resolve())
     return {"teacher": teacher, "revision": args.revision, "variant": args.variant, "encoder_configs": digest}

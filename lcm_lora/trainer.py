@@ -84,10 +84,16 @@ def make_optimizer(params: list[torch.nn.Parameter], o: OptimArgs) -> torch.opti
                              weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
 
 
-def export_lora(accelerator: Accelerator, unet, config: TrainConfig, teacher: Teacher, step: int, out_dir: Path) -> Path:
-    meta = export.metadata(config.to_flat_dict(), config.model.pretrained_teacher_model, teacher.prediction_type, step)
-    return export.save_diffusers_lora(accelerator.unwrap_model(unet), out_dir, config.lora.lora_rank,
-                                      config.lora.lora_alpha, meta)
+def export_lora(accelerator: Accelerator, unet, config: TrainConfig, teacher: Teacher, step: int, out_dir: Path,
+                export_formats: tuple[str, ...] = ("diffusers",)) -> list[Path]:
+    """The LoRA as users get it, in each of `export_formats` (validation reads the diffusers file)."""
+    unet = accelerator.unwrap_model(unet)
+    teacher_name = config.model.pretrained_teacher_model
+    info = export.ExportInfo(config_flat=config.to_flat_dict(), teacher=teacher_name,
+                             prediction_type=teacher.prediction_type, steps=step, unet_config=dict(unet.config),
+                             output_name=config.run.output_name or export.default_output_name(teacher_name))
+    return export.write_formats(export.lora_modules(unet), out_dir, export_formats,
+                                export.DTYPES[config.run.export_dtype], info)
 
 
 def log_validation(accelerator, unet, config: TrainConfig, teacher: Teacher, step: int) -> None:
@@ -98,7 +104,8 @@ def log_validation(accelerator, unet, config: TrainConfig, teacher: Teacher, ste
     export_lora(accelerator, unet, config, teacher, step, out)
     pipe = load_lcm_pipeline(config.model.pretrained_teacher_model, out, device=str(accelerator.device),
                              original_inference_steps=config.distill.num_ddim_timesteps,
-                             timestep_scaling=config.distill.timestep_scaling_factor)
+                             timestep_scaling=config.distill.timestep_scaling_factor,
+                             single_file_config=config.model.single_file_config)
     prompts = list(config.run.validation_prompts)
     for steps in config.run.validation_inference_steps:
         images = generate(pipe, prompts, steps, 1.0, seed=config.run.seed or 0,
@@ -366,8 +373,8 @@ def train(config: TrainConfig) -> Path:
     accelerator.print(f"data: {BadSampleLog.combined(gather_object([bad_samples])).summary()}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        path = export_lora(accelerator, unet, config, teacher, global_step, out)
-        accelerator.print(f"saved {path}")
+        for path in export_lora(accelerator, unet, config, teacher, global_step, out, config.run.export_formats):
+            accelerator.print(f"saved {path}")
     accelerator.end_training()
     return out
 

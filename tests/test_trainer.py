@@ -35,10 +35,17 @@ def test_run_writes_lora_only_checkpoints_config_and_a_loadable_lora(data_dir, t
     pipe.load_lora_weights(str(out))  # loads, and the LoRA moved away from zero
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in load_file(out / DIFFUSERS_WEIGHT_NAME).items())
 
-    # The export command reproduces the final file from the last checkpoint.
-    export_main(["--checkpoint", str(out / "checkpoint-2"), "--output_dir", str(tmp_path / "exported")])
-    final, exported = load_file(out / DIFFUSERS_WEIGHT_NAME), load_file(tmp_path / "exported" / DIFFUSERS_WEIGHT_NAME)
-    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
+    # The run wrote the default formats; the export command reproduces them from the last checkpoint.
+    kohya_name = "lcm-lora-teacher-eps.safetensors"
+    assert (out / kohya_name).is_file() and not (out / "hub").exists()
+    # No --dtype: the run's --export_dtype (fp32 here) is the default.
+    export_main(["--checkpoint", str(out / "checkpoint-2"), "--output_dir", str(tmp_path / "exported"),
+                 "--formats", "diffusers", "kohya", "hub"])
+    same_tensors = {DIFFUSERS_WEIGHT_NAME: DIFFUSERS_WEIGHT_NAME, kohya_name: kohya_name,
+                    f"hub/{DIFFUSERS_WEIGHT_NAME}": kohya_name}  # hub: kohya keys under the diffusers name
+    for exported_name, run_name in same_tensors.items():
+        final, exported = load_file(out / run_name), load_file(tmp_path / "exported" / exported_name)
+        assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final), exported_name
 
     # generate: PNGs and a grid, with the LoRA and LCMScheduler.
     generate_main(["--pretrained_model", "teacher-eps", "--lora", str(out), "--prompt", "a red circle", "a blue square",

@@ -5,13 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
-BUNDLED = ("teacher-eps", "teacher-vpred")
+# Names that resolve to bundled models: the two teachers (diffusers folders) and a "community checkpoint" of
+# teacher-eps as one original-layout .safetensors (load it with config / --single_file_config teacher-eps).
+BUNDLED_FILES = {"teacher-eps": "teacher-eps", "teacher-vpred": "teacher-vpred",
+                 "community-dusk": "community-dusk.safetensors"}
+BUNDLED = tuple(BUNDLED_FILES)
+STYLE_LORA = "style-dusk"  # a style LoRA (diffusers format) for the stacking example, trained on the dusk world
 
 
 def resolve(name_or_path: str | Path) -> Path:
-    """A bundled teacher's name ("teacher-eps", "teacher-vpred") or any folder, as a path."""
-    if str(name_or_path) in BUNDLED:
-        return ASSETS / str(name_or_path)
+    """A bundled model's name, the bundled style LoRA's, or any path, as a path."""
+    name = str(name_or_path)
+    if name in BUNDLED_FILES:
+        return ASSETS / BUNDLED_FILES[name]
+    if name == STYLE_LORA:
+        return ASSETS / STYLE_LORA
     return Path(name_or_path)
 
 

@@ -71,6 +71,16 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
+def optimizer_step(loss: torch.Tensor, opt, sched, clip: list[torch.Tensor] | None = None) -> None:
+    """Backward, clip `clip`'s gradient norm to 1 when given, then step the optimizer and the LR schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+
+
 def train_vae(recipe: Recipe, images: np.ndarray, device: str) -> AutoencoderKL:
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
@@ -85,34 +95,66 @@ def train_vae(recipe: Recipe, images: np.ndarray, device: str) -> AutoencoderKL:
         recon = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         loss = loss + recipe.vae_kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched)
         if step % 100 == 0 or step == recipe.vae_steps - 1:
             print(f"vae step {step}/{recipe.vae_steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
     return vae.eval()
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image (unscaled), and set the VAE's unit-variance scaling."""
+def posterior_moments(vae: AutoencoderKL, images: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (unscaled)."""
     means, stds = [], []
     for i in range(0, len(images), 512):
         dist = vae.encode(to_tensor(images[i : i + 512]).to(device)).latent_dist
         means.append(dist.mean.cpu())
         stds.append(dist.std.cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
+    return torch.cat(means), torch.cat(stds)
+
+
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (unscaled), and set the VAE's unit-variance scaling."""
+    mean, std = posterior_moments(vae, images, device)
     # Stable Diffusion scales latents to roughly unit variance (0.18215 for SD1/2): measure ours.
     total_var = mean.var() + std.square().mean()
     vae.register_to_config(scaling_factor=float(1.0 / total_var.sqrt()))
     return mean, std
 
 
+def caption_ids(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of every caption and of the empty caption, padded to the 77-token context."""
+    def encode(texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    return encode(captions), encode([""])
+
+
+def training_batch(gen: torch.Generator, latents, ids: torch.Tensor, empty_ids: torch.Tensor, batch_size: int,
+                   empty_caption_fraction: float, num_train_timesteps: int):
+    """One batch: latents drawn from their posteriors, captions (a fraction emptied), noise, timesteps.
+    Draws from `gen` in a fixed order, so a seeded run is reproducible."""
+    mean, std = latents
+    idx = torch.randint(len(mean), (batch_size,), generator=gen)
+    x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+    drop = torch.rand(batch_size, generator=gen) < empty_caption_fraction
+    batch_ids = torch.where(drop[:, None], empty_ids, ids[idx])
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, num_train_timesteps, (batch_size,), generator=gen)
+    return x0, batch_ids, noise, t
+
+
+def denoising_loss(unet, cond: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   noise_schedule: DDPMScheduler, prediction_type: str) -> torch.Tensor:
+    """The ordinary diffusion loss per example: MSE to the noise (epsilon) or the velocity (v)."""
+    z_t = noise_schedule.add_noise(x0, noise, t)
+    target = noise if prediction_type == "epsilon" else noise_schedule.get_velocity(x0, noise, t)
+    return (unet(z_t, t, cond).sample - target).square().flatten(1).mean(1)
+
+
 def train_teacher(recipe: Recipe, prediction_type: str, tokenizer, captions: list[str], latents, device: str,
                   init: Path | None = None):
-    """Train UNet and text encoder jointly; `init` is a pipeline folder to start from."""
-    mean, std = latents
+    """Train UNet and text encoder jointly; `init` is a pipeline folder to start from. `latents` are
+    the posterior mean and std of every training image, pre-scaled by the VAE's scaling factor."""
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed + 2)
     text_encoder = make_text_encoder(tokenizer)
@@ -128,30 +170,17 @@ def train_teacher(recipe: Recipe, prediction_type: str, tokenizer, captions: lis
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=recipe.teacher_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    scaling = 1.0  # latents are pre-scaled by the caller
+    ids, empty_ids = caption_ids(tokenizer, captions)
     start = time.time()
     for step in range(steps):
-        idx = torch.randint(len(mean), (recipe.teacher_batch,), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
-        drop = torch.rand(recipe.teacher_batch, generator=gen) < recipe.empty_caption_fraction
-        batch_ids = torch.where(drop[:, None], empty_ids, ids[idx])
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (recipe.teacher_batch,), generator=gen)
-        x0, noise, t, batch_ids = x0.to(device), noise.to(device), t.to(device), batch_ids.to(device)
-        z_t = noise_schedule.add_noise(x0, noise, t)
-        target = noise if prediction_type == "epsilon" else noise_schedule.get_velocity(x0, noise, t)
-        cond = text_encoder(batch_ids)[0]
-        per_example = (unet(z_t, t, cond).sample - target).square().flatten(1).mean(1)
+        batch = training_batch(gen, latents, ids, empty_ids, recipe.teacher_batch, recipe.empty_caption_fraction,
+                               noise_schedule.config.num_train_timesteps)
+        x0, batch_ids, noise, t = (part.to(device) for part in batch)
+        per_example = denoising_loss(unet, text_encoder(batch_ids)[0], x0, noise, t, noise_schedule, prediction_type)
         if prediction_type == "epsilon" and recipe.epsilon_v_weighting:
             per_example = per_example / noise_schedule.alphas_cumprod.to(device)[t]
         loss = per_example.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, clip=params)
         with torch.no_grad():
             # A fine-tune warms its EMA up (diffusers' (1+n)/(10+n) schedule): a plain 0.999 EMA still
             # holds 37% of the v weights after 1000 steps, and measured, that blend drew 23% prompts right.

@@ -48,8 +48,8 @@ def to_tensor(images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def render_set(seeds: range | list[int]) -> tuple[list[Scene], np.ndarray]:
-    scenes, images = zip(*(sample(s) for s in seeds))
+def render_set(seeds: range | list[int], palette: str = "base") -> tuple[list[Scene], np.ndarray]:
+    scenes, images = zip(*(sample(s, palette) for s in seeds))
     return list(scenes), np.stack(images)
 
 

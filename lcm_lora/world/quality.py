@@ -2,9 +2,13 @@
 
     python -m lcm_lora.world.quality --teacher teacher-eps              # the README table
     python -m lcm_lora.world.quality --teacher /path/to/pipeline --steps 1 2 4 8
+    python -m lcm_lora.world.quality --teacher output/community/teacher-eps-dusk --palette dusk   # shifted world
 
 The held-out set is every scene of the world (192 prompts), `samples_per_prompt` images each from
 fixed seeds; the Fréchet reference is images rendered from seeds that training never used.
+With `--palette dusk` the reference and the real-image row are rendered in that palette and every row
+gains a judge-free style column: the share of images whose background is nearer the palette than the
+base world's (scene.style_score).
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
 from ..export import lcm_scheduler_settings
 from . import assets
 from .judge import Judge, accuracy, frechet_distance, judge_images, render_set
-from .scene import Scene, all_scenes
+from .scene import PALETTES, Scene, all_scenes, render, style_score
 
 HELD_OUT_SEED = 1_000_000  # training images use seeds below this
 REFERENCE_IMAGES = 2000
@@ -45,17 +49,26 @@ class Score:
     mean_attribute_accuracy: float
     frechet_distance: float
     per_attribute: dict
+    style_score: float | None = None  # only when scored against a shifted palette
 
     def row(self) -> str:
-        return (
+        row = (
             f"| {self.sampler} | {self.steps} | {self.guidance_scale:g} | {100 * self.prompt_accuracy:.1f} "
             f"| {100 * self.mean_attribute_accuracy:.1f} | {self.frechet_distance:.2f} |"
         )
+        return row if self.style_score is None else f"{row} {100 * self.style_score:.1f} |"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not (k == "style_score" and v is None)}
 
 
 TABLE_HEADER = (
     "| sampler | steps | guidance | prompt acc. % | attribute acc. % | Fréchet distance |\n"
     "|---|---:|---:|---:|---:|---:|"
+)
+STYLE_TABLE_HEADER = (
+    "| sampler | steps | guidance | prompt acc. % | attribute acc. % | Fréchet distance | style % |\n"
+    "|---|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -71,8 +84,14 @@ def load_judge(path: str | Path | None = None) -> Judge:
     return judge.eval()
 
 
-def load_pipeline(path: str | Path) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(str(assets.resolve(path)), safety_checker=None)
+def load_pipeline(path: str | Path, vae: str | Path | None = None, single_file_config: str = "teacher-eps"):
+    """A pipeline folder, a bundled model, or a single file (its configs from `single_file_config`; the bundled
+    community-dusk is a fine-tune of teacher-eps); `vae` swaps in another VAE folder (e.g. a community one)."""
+    from ..inference import load_base_pipeline
+
+    pipe = load_base_pipeline(str(path), single_file_config)
+    if vae:
+        pipe.vae = AutoencoderKL.from_pretrained(str(vae))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -90,19 +109,23 @@ def generate(pipe, scenes: list[Scene], steps: int, guidance_scale: float, seed:
 
 
 class Scorer:
-    """Holds the judge and the real-image reference features, so each score costs one judge pass."""
+    """Holds the judge and the real-image reference features, so each score costs one judge pass.
+    A `palette` other than "base" scores against that shifted world and adds the style score."""
 
-    def __init__(self, judge: Judge | None = None, reference_images: int = REFERENCE_IMAGES) -> None:
+    def __init__(self, judge: Judge | None = None, reference_images: int = REFERENCE_IMAGES,
+                 palette: str = "base") -> None:
         self.judge = judge or load_judge()
-        _, real = render_set(range(HELD_OUT_SEED, HELD_OUT_SEED + reference_images))
+        self.palette = palette
+        _, real = render_set(range(HELD_OUT_SEED, HELD_OUT_SEED + reference_images), palette)
         self.reference = judge_images(self.judge, real)[1]
 
     def score(self, images: np.ndarray, scenes: list[Scene], sampler: str, steps: int, guidance_scale: float) -> Score:
         preds, feats = judge_images(self.judge, images)
         acc = accuracy(preds, scenes)
         per_attribute = {k: v for k, v in acc.items() if k not in ("prompt", "mean_attribute")}
+        style = None if self.palette == "base" else style_score(images, self.palette)
         return Score(sampler, steps, guidance_scale, acc["prompt"], acc["mean_attribute"],
-                     frechet_distance(feats, self.reference), per_attribute)
+                     frechet_distance(feats, self.reference), per_attribute, style)
 
 
 def sweep(pipe, scorer: Scorer, samplers: list[str], steps: list[int], guidance_scale: float,
@@ -124,10 +147,19 @@ def sweep(pipe, scorer: Scorer, samplers: list[str], steps: list[int], guidance_
 def real_baseline(scorer: Scorer, samples_per_prompt: int = 2) -> Score:
     """The judge on real held-out images: the ceiling for accuracy, the floor for the distance."""
     scenes = held_out_prompts(samples_per_prompt)
-    from .scene import render
-
-    images = np.stack([render(s, HELD_OUT_SEED + 500_000 + i) for i, s in enumerate(scenes)])
+    images = np.stack([render(s, HELD_OUT_SEED + 500_000 + i, scorer.palette) for i, s in enumerate(scenes)])
     return scorer.score(images, scenes, "real images", 0, 0)
+
+
+def load_style_lora(pipe, style_lora: str | Path, weight: float) -> None:
+    pipe.load_lora_weights(str(style_lora), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[weight])
+
+
+def stack_lcm_lora(pipe, lcm_lora: str | Path, style_weight: float) -> None:
+    """LCM-LoRA's combination recipe: the LCM adapter at weight 1 beside the loaded style adapter."""
+    pipe.load_lora_weights(str(lcm_lora), adapter_name="lcm")
+    pipe.set_adapters(["lcm", "style"], adapter_weights=[1.0, style_weight])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,25 +173,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples_per_prompt", type=int, default=2)
     parser.add_argument("--lora", default=None, help="an LCM-LoRA to load; adds the 'lcm' sampler rows")
     parser.add_argument("--lora_guidance_scale", type=float, default=1.0)
+    parser.add_argument("--palette", default="base", choices=sorted(PALETTES),
+                        help="the world to score against: the reference images, the real row and a style column")
+    parser.add_argument("--vae", default=None, help="a VAE folder to use instead of the teacher's")
+    parser.add_argument("--style_lora", default=None,
+                        help="a style LoRA folder, active in every row; the 'lcm' rows stack it with --lora")
+    parser.add_argument("--style_weight", type=float, default=1.0, help="the style adapter's weight")
     parser.add_argument("--judge", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the scores here")
     args = parser.parse_args(argv)
 
-    pipe = load_pipeline(args.teacher).to(args.device)
-    scorer = Scorer(load_judge(args.judge))
-    print(TABLE_HEADER)
+    pipe = load_pipeline(args.teacher, args.vae).to(args.device)
+    scorer = Scorer(load_judge(args.judge), palette=args.palette)
+    print(TABLE_HEADER if args.palette == "base" else STYLE_TABLE_HEADER)
     scores = [real_baseline(scorer, args.samples_per_prompt)]
     print(scores[0].row())
+    if args.style_lora:
+        load_style_lora(pipe, args.style_lora, args.style_weight)
     if args.reference_steps:
         scores += sweep(pipe, scorer, ["ddim-leading"], [args.reference_steps], args.guidance_scale, args.samples_per_prompt)
     scores += sweep(pipe, scorer, args.samplers, args.steps, args.guidance_scale, args.samples_per_prompt)
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        if args.style_lora:
+            stack_lcm_lora(pipe, args.lora, args.style_weight)
+        else:
+            pipe.load_lora_weights(args.lora)
         scores += sweep(pipe, scorer, ["lcm"], args.steps, args.lora_guidance_scale, args.samples_per_prompt,
                         scheduler_kwargs=lcm_scheduler_settings(args.lora))
     if args.json:
-        args.json.write_text(json.dumps([s.__dict__ for s in scores], indent=2))
+        args.json.write_text(json.dumps([s.to_dict() for s in scores], indent=2))
 
 
 if __name__ == "__main__":

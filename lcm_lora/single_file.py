@@ -1,0 +1,528 @@
+"""Community single-file checkpoints: original Stable Diffusion (LDM / CompVis) key layout <-> diffusers.
+
+A "single file" is one .safetensors holding the whole pipeline with the names of the original
+training code: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
+`cond_stage_model.transformer.text_model.*` (CLIP text encoder). The name tables below are built
+from a model's config, block by block, so they fit SD1.x, SD2.x, SDXL UNets and our tiny bundled
+teachers alike. Writing goes through safetensors at the edge; reading goes through diffusers' own
+`from_single_file`, which the tests use to prove the tables (write with ours, read with theirs).
+
+What `StableDiffusionPipeline.from_single_file` needs to work offline (diffusers 0.42, read from
+`diffusers/loaders/single_file.py`, `single_file_model.py`, `single_file_utils.py`):
+
+- `config=<local folder>`: a folder is used as is; every component's config comes from its
+  subfolder (`unet/config.json`, `vae/config.json` with its `scaling_factor`,
+  `text_encoder/config.json`, `tokenizer/*`, `scheduler/scheduler_config.json`), so a checkpoint
+  whose parts differ from SD1.5 (our tiny teacher) is built right. Without `config` diffusers
+  guesses a hub repo from the keys (SD1.5 for anything unknown) and downloads its configs; with a
+  hub id that is not in the local cache it retries with `local_files_only=False`, i.e. goes online
+  even when asked not to. `load_single_file_pipeline` therefore resolves a hub id from the local
+  cache itself and always hands diffusers a folder.
+- `local_files_only=True`: no hub call for the configs or the file.
+- never `prediction_type=` / `scheduler_type=` / `original_config=`: they switch diffusers to its
+  legacy path, which builds the scheduler (or all parts) from defaults instead of the folder. Pass
+  a scheduler instance (`scheduler=...`) instead.
+- `safety_checker=None, feature_extractor=None, requires_safety_checker=False`: the single-file
+  loader never loads a safety checker, and without these the pipeline warns or needs a
+  `feature_extractor/` folder it has no use for.
+- diffusers finds the CLIP text encoder only under `cond_stage_model.transformer.text_model.*`
+  (SD1); other keys make it fall back to `<config>/text_encoder/diffusion_pytorch_model.*`, which
+  a transformers folder lacks, so it fails with "Weights for this component appear to be
+  missing". A UNet / VAE tensor missing from the file stays on the meta device and fails later
+  with "Cannot copy out of meta tensor". `load_single_file_pipeline` refuses a file that lacks a
+  whole part with a clear message instead; the tests load against a configs-only folder, so every
+  weight provably comes from the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .safetensors_io import save_safetensors_atomic
+from .world import assets
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+CLIP_INNER_PREFIX = "text_model."  # in SD1 files; transformers >= 5.6 dropped it from CLIPTextModel's own keys
+
+# Which top-level key prefixes mean a file holds each part (SD1, SD2 and SDXL layouts).
+PART_PREFIXES = {
+    "unet": (UNET_PREFIX,),
+    "vae": (VAE_PREFIX,),
+    "text_encoder": ("cond_stage_model.", "conditioner.embedders."),
+}
+
+# --- UNet -------------------------------------------------------------------------------------
+
+# diffusers' defaults, for configs written by hand that leave keys out.
+UNET_DEFAULTS = {
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "norm_num_groups": 32,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "addition_embed_type": None,
+    "dual_cross_attention": False,
+    "attention_type": "default",
+    "time_cond_proj_dim": None,
+    "encoder_hid_dim_type": None,
+    "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default",
+}
+
+UNET_DOWN_BLOCKS = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # type -> has attention
+UNET_UP_BLOCKS = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
+UNET_MID_BLOCKS = ("UNetMidBlock2DCrossAttn",)
+
+# Config values whose modules have no agreed LDM name: refuse them rather than write a file no tool reads.
+UNET_UNSUPPORTED = {
+    "dual_cross_attention": (True,),
+    "time_embedding_type": ("fourier",),
+    "resnet_time_scale_shift": ("ada_group", "spatial"),
+    "class_embed_type": ("simple_projection",),
+}
+UNET_REQUIRED_NONE = ("time_cond_proj_dim", "encoder_hid_dim_type")  # e.g. a full LCM UNet's time_embedding.cond_proj
+
+UNET_FIXED = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_out": "out.2",
+}
+UNET_NORM_OUT = {"conv_norm_out": "out.0"}  # absent when norm_num_groups is None
+# A TimestepEmbedding used as class / addition embedding is LDM's label_emb Sequential(Linear, SiLU, Linear).
+UNET_LABEL_EMBEDDING = {"linear_1": "label_emb.0.0", "linear_2": "label_emb.0.2"}
+
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+}
+UNET_RESNET_SHORTCUT = {"conv_shortcut": "skip_connection"}  # only when in_channels != out_channels
+
+# Transformer2DModel (LDM SpatialTransformer) and BasicTransformerBlock: same names on both sides.
+SPATIAL_TRANSFORMER_LEAVES = ("norm", "proj_in", "proj_out")
+TRANSFORMER_BLOCK_LEAVES = (
+    "norm1", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "norm2", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "norm3", "ff.net.0.proj", "ff.net.2",
+)
+
+# --- VAE --------------------------------------------------------------------------------------
+
+VAE_DEFAULTS = {
+    "down_block_types": ("DownEncoderBlock2D",),
+    "up_block_types": ("UpDecoderBlock2D",),
+    "block_out_channels": (64,),
+    "layers_per_block": 1,
+    "mid_block_add_attention": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+}
+VAE_DOWN_BLOCK = "DownEncoderBlock2D"
+VAE_UP_BLOCK = "UpDecoderBlock2D"
+
+VAE_FIXED = {
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.conv_norm_out": "encoder.norm_out",
+    "encoder.conv_out": "encoder.conv_out",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.conv_norm_out": "decoder.norm_out",
+    "decoder.conv_out": "decoder.conv_out",
+}
+VAE_QUANT_CONVS = {"use_quant_conv": "quant_conv", "use_post_quant_conv": "post_quant_conv"}
+VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2"}
+VAE_RESNET_SHORTCUT = {"conv_shortcut": "nin_shortcut"}
+VAE_MID_RESNETS = {"resnets.0": "block_1", "resnets.1": "block_2"}
+VAE_MID_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+# LDM's AttnBlock uses 1x1 convolutions where diffusers uses Linear: 4-D weights in the file.
+VAE_CONV_ATTENTION_LEAVES = ("q", "k", "v", "proj_out")
+
+# --- Loading ----------------------------------------------------------------------------------
+
+# kwargs that make from_single_file ignore the config folder (its legacy path).
+LEGACY_LOAD_KWARGS = ("prediction_type", "scheduler_type", "original_config", "original_config_file")
+LOAD_DEFAULTS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]  # what diffusers fetches for configs
+
+
+# ===== name tables =============================================================================
+
+
+def _with_defaults(config: dict, defaults: dict) -> dict:
+    return {**defaults, **dict(config)}
+
+
+def _spread(value, n: int) -> list:
+    """diffusers' "one int for all, or one per block / layer" settings, as a list of n."""
+    return [value] * n if isinstance(value, int) else list(value)
+
+
+def _leaves(diffusers_prefix: str, ldm_prefix: str, table: dict[str, str]) -> dict[str, str]:
+    return {f"{diffusers_prefix}.{d}": f"{ldm_prefix}.{ldm}" for d, ldm in table.items()}
+
+
+def _unet_resnet(diffusers_prefix: str, ldm_prefix: str, in_channels: int, out_channels: int) -> dict[str, str]:
+    # diffusers' ResnetBlock2D gets a 1x1 shortcut conv exactly when the channel count changes.
+    table = {**UNET_RESNET, **(UNET_RESNET_SHORTCUT if in_channels != out_channels else {})}
+    return _leaves(diffusers_prefix, ldm_prefix, table)
+
+
+def _spatial_transformer(diffusers_prefix: str, ldm_prefix: str, depth: int) -> dict[str, str]:
+    names = _leaves(diffusers_prefix, ldm_prefix, {leaf: leaf for leaf in SPATIAL_TRANSFORMER_LEAVES})
+    for k in range(depth):
+        block = f"transformer_blocks.{k}"
+        names |= _leaves(f"{diffusers_prefix}.{block}", f"{ldm_prefix}.{block}",
+                         {leaf: leaf for leaf in TRANSFORMER_BLOCK_LEAVES})
+    return names
+
+
+def _check_unet_supported(config: dict) -> None:
+    problems = [f"{key}={config[key]!r}" for key, bad in UNET_UNSUPPORTED.items() if config[key] in bad]
+    problems += [f"{key}={config[key]!r}" for key in UNET_REQUIRED_NONE if config.get(key) is not None]
+    problems += [f"down block {t!r}" for t in config["down_block_types"] if t not in UNET_DOWN_BLOCKS]
+    problems += [f"up block {t!r}" for t in config["up_block_types"] if t not in UNET_UP_BLOCKS]
+    if config["attention_type"] != "default":  # gated (GLIGEN) blocks add a fuser LDM never named
+        problems.append(f"attention_type={config['attention_type']!r}")
+    if config["mid_block_type"] not in UNET_MID_BLOCKS:
+        problems.append(f"mid_block_type={config['mid_block_type']!r}")
+    if _class_embedding_names(config) and _addition_embedding_names(config):
+        problems.append("both a class and an addition embedding (both are LDM's label_emb)")
+    if problems:
+        raise NotImplementedError(f"UNet config has no original-SD (LDM) layout for: {', '.join(problems)}.")
+
+
+def _class_embedding_names(config: dict) -> dict[str, str]:
+    if config["class_embed_type"] in ("timestep", "projection"):
+        return {f"class_embedding.{d}": ldm for d, ldm in UNET_LABEL_EMBEDDING.items()}
+    if config["class_embed_type"] is None and config["num_class_embeds"] is not None:
+        return {"class_embedding": "label_emb"}  # nn.Embedding in both (SD x4 upscaler)
+    return {}  # none, or "identity" (no parameters)
+
+
+def _addition_embedding_names(config: dict) -> dict[str, str]:
+    if config["addition_embed_type"] == "text_time":  # SDXL's size / crop conditioning
+        return {f"add_embedding.{d}": ldm for d, ldm in UNET_LABEL_EMBEDDING.items()}
+    if config["addition_embed_type"] is not None:
+        raise NotImplementedError(f"UNet addition_embed_type={config['addition_embed_type']!r} has no LDM layout.")
+    return {}
+
+
+def _unet_down_names(config: dict) -> dict[str, str]:
+    channels, types = list(config["block_out_channels"]), list(config["down_block_types"])
+    layers = _spread(config["layers_per_block"], len(types))
+    depths = _spread(config["transformer_layers_per_block"], len(types))
+    names, index, out_channels = {}, 1, channels[0]  # input_blocks.0 is conv_in
+    for b, block_type in enumerate(types):
+        in_channels, out_channels = out_channels, channels[b]
+        block_depths = _spread(depths[b], layers[b])
+        for layer in range(layers[b]):
+            ldm = f"input_blocks.{index}"
+            names |= _unet_resnet(f"down_blocks.{b}.resnets.{layer}", f"{ldm}.0",
+                                  in_channels if layer == 0 else out_channels, out_channels)
+            if UNET_DOWN_BLOCKS[block_type]:
+                names |= _spatial_transformer(f"down_blocks.{b}.attentions.{layer}", f"{ldm}.1", block_depths[layer])
+            index += 1
+        if b < len(types) - 1:  # every block but the last halves the resolution, as its own input block
+            names[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
+            index += 1
+    return names
+
+
+def _unet_mid_names(config: dict) -> dict[str, str]:
+    channels = config["block_out_channels"][-1]
+    depths = _spread(config["transformer_layers_per_block"], len(config["down_block_types"]))
+    depth = _spread(depths[-1], 1)[0]  # the mid block takes the last (deepest) block's depth
+    return (_unet_resnet("mid_block.resnets.0", "middle_block.0", channels, channels)
+            | _spatial_transformer("mid_block.attentions.0", "middle_block.1", depth)
+            | _unet_resnet("mid_block.resnets.1", "middle_block.2", channels, channels))
+
+
+def _unet_up_names(config: dict) -> dict[str, str]:
+    channels, types = list(reversed(config["block_out_channels"])), list(config["up_block_types"])
+    n = len(types)
+    layers = list(reversed(_spread(config["layers_per_block"], n)))
+    depths = config["reverse_transformer_layers_per_block"] or list(
+        reversed(_spread(config["transformer_layers_per_block"], n)))
+    names, index, out_channels = {}, 0, channels[0]
+    for b, block_type in enumerate(types):
+        prev_channels, out_channels = out_channels, channels[b]
+        skip_channels = channels[min(b + 1, n - 1)]  # the skip saved before the matching down block
+        num_layers = layers[b] + 1  # one more than down: it also takes the downsampler's skip
+        block_depths = _spread(depths[b], num_layers)
+        has_attention = UNET_UP_BLOCKS[block_type]
+        for layer in range(num_layers):
+            ldm = f"output_blocks.{index}"
+            in_channels = (prev_channels if layer == 0 else out_channels) + (
+                skip_channels if layer == num_layers - 1 else out_channels)
+            names |= _unet_resnet(f"up_blocks.{b}.resnets.{layer}", f"{ldm}.0", in_channels, out_channels)
+            if has_attention:
+                names |= _spatial_transformer(f"up_blocks.{b}.attentions.{layer}", f"{ldm}.1", block_depths[layer])
+            if layer == num_layers - 1 and b < n - 1:  # the upsampler sits after the last layer's attention
+                names[f"up_blocks.{b}.upsamplers.0.conv"] = f"{ldm}.{2 if has_attention else 1}.conv"
+            index += 1
+    return names
+
+
+def unet_ldm_names(unet_config: dict) -> dict[str, str]:
+    """Every parameter-holding leaf module of a UNet2DConditionModel -> its LDM path (no prefix)."""
+    config = _with_defaults(unet_config, UNET_DEFAULTS)
+    _check_unet_supported(config)
+    return (dict(UNET_FIXED)
+            | (UNET_NORM_OUT if config["norm_num_groups"] is not None else {})
+            | _class_embedding_names(config)
+            | _addition_embedding_names(config)
+            | _unet_down_names(config)
+            | _unet_mid_names(config)
+            | _unet_up_names(config))
+
+
+def _ldm_key(diffusers_key: str, names: dict[str, str], prefix: str, part: str) -> str:
+    module, param = diffusers_key.rsplit(".", 1)
+    if module not in names:
+        hint = (" It looks like a PEFT/LoRA layer: fuse the LoRA and unload it first "
+                "(pipe.fuse_lora(); pipe.unload_lora_weights())."
+                if ".base_layer" in module or ".lora_" in module else "")
+        raise KeyError(f"{part} parameter {diffusers_key!r} has no LDM name for this config.{hint}")
+    return f"{prefix}{names[module]}.{param}"
+
+
+def unet_ldm_key(diffusers_param_key: str, names: dict[str, str]) -> str:
+    """`down_blocks.0.resnets.0.conv1.weight` -> `model.diffusion_model.input_blocks.1.0.in_layers.2.weight`."""
+    return _ldm_key(diffusers_param_key, names, UNET_PREFIX, "UNet")
+
+
+def _vae_resnet(diffusers_prefix: str, ldm_prefix: str, in_channels: int, out_channels: int) -> dict[str, str]:
+    table = {**VAE_RESNET, **(VAE_RESNET_SHORTCUT if in_channels != out_channels else {})}
+    return _leaves(diffusers_prefix, ldm_prefix, table)
+
+
+def _vae_mid_names(half: str, channels: int, attention: bool) -> dict[str, str]:
+    names = {}
+    for resnet, ldm in VAE_MID_RESNETS.items():
+        names |= _vae_resnet(f"{half}.mid_block.{resnet}", f"{half}.mid.{ldm}", channels, channels)
+    if attention:
+        names |= _leaves(f"{half}.mid_block.attentions.0", f"{half}.mid.attn_1", VAE_MID_ATTENTION)
+    return names
+
+
+def _check_vae_supported(config: dict) -> None:
+    bad = [t for t in config["down_block_types"] if t != VAE_DOWN_BLOCK]
+    bad += [t for t in config["up_block_types"] if t != VAE_UP_BLOCK]
+    if bad or not isinstance(config["layers_per_block"], int):
+        raise NotImplementedError(f"VAE config has no original-SD (LDM) layout: blocks {bad}, "
+                                  f"layers_per_block {config['layers_per_block']!r}.")
+
+
+def vae_ldm_names(vae_config: dict) -> dict[str, str]:
+    """Every parameter-holding leaf module of an AutoencoderKL -> its LDM path (no prefix)."""
+    config = _with_defaults(vae_config, VAE_DEFAULTS)
+    _check_vae_supported(config)
+    channels, layers = list(config["block_out_channels"]), config["layers_per_block"]
+    n, attention = len(channels), config["mid_block_add_attention"]
+    names = dict(VAE_FIXED) | {name: name for flag, name in VAE_QUANT_CONVS.items() if config[flag]}
+
+    out_channels = channels[0]
+    for b in range(n):
+        in_channels, out_channels = out_channels, channels[b]
+        for layer in range(layers):
+            names |= _vae_resnet(f"encoder.down_blocks.{b}.resnets.{layer}", f"encoder.down.{b}.block.{layer}",
+                                 in_channels if layer == 0 else out_channels, out_channels)
+        if b < n - 1:
+            names[f"encoder.down_blocks.{b}.downsamplers.0.conv"] = f"encoder.down.{b}.downsample.conv"
+    names |= _vae_mid_names("encoder", channels[-1], attention) | _vae_mid_names("decoder", channels[-1], attention)
+
+    reversed_channels, out_channels = list(reversed(channels)), channels[-1]
+    for i in range(n):
+        ldm_index = n - 1 - i  # LDM numbers decoder blocks from the full-resolution end
+        prev_channels, out_channels = out_channels, reversed_channels[i]
+        for layer in range(layers + 1):
+            names |= _vae_resnet(f"decoder.up_blocks.{i}.resnets.{layer}", f"decoder.up.{ldm_index}.block.{layer}",
+                                 prev_channels if layer == 0 else out_channels, out_channels)
+        if i < n - 1:
+            names[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{ldm_index}.upsample.conv"
+    return names
+
+
+def vae_ldm_key(diffusers_param_key: str, names: dict[str, str]) -> str:
+    """`decoder.up_blocks.0.resnets.0.conv1.weight` -> `first_stage_model.decoder.up.<n-1>.block.0.conv1.weight`."""
+    return _ldm_key(diffusers_param_key, names, VAE_PREFIX, "VAE")
+
+
+def text_encoder_ldm_key(hf_key: str) -> str:
+    """A CLIPTextModel key (with or without `text_model.`) -> `cond_stage_model.transformer.text_model.<...>`."""
+    return CLIP_PREFIX + (hf_key if hf_key.startswith(CLIP_INNER_PREFIX) else CLIP_INNER_PREFIX + hf_key)
+
+
+# ===== state dicts =============================================================================
+
+
+def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    names = unet_ldm_names(dict(unet.config))
+    return {unet_ldm_key(k, names): v for k, v in unet.state_dict().items()}
+
+
+def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+    names = vae_ldm_names(dict(vae.config))
+    out = {}
+    for key, tensor in vae.state_dict().items():
+        ldm_key = vae_ldm_key(key, names)
+        leaf, param = ldm_key.rsplit(".", 2)[-2:]
+        if leaf in VAE_CONV_ATTENTION_LEAVES and param == "weight" and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]
+        out[ldm_key] = tensor
+    return out
+
+
+def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+    """SD1's OpenAI CLIP only: SD2's OpenCLIP and SDXL's two encoders use other layouts."""
+    kind = type(text_encoder).__name__
+    if kind != "CLIPTextModel":
+        raise NotImplementedError(f"text encoder {kind}: only SD1's CLIPTextModel (cond_stage_model.transformer.*) "
+                                  "is written; SDXL's conditioner.embedders.* layout is not supported.")
+    if getattr(text_encoder.config, "hidden_act", "quick_gelu") != "quick_gelu":
+        # SD2's OpenCLIP ViT-H, converted to HF CLIP, is the only gelu one; its original layout is
+        # cond_stage_model.model.* with fused in_proj weights.
+        raise NotImplementedError("text encoder looks like SD2's OpenCLIP (hidden_act "
+                                  f"{text_encoder.config.hidden_act!r}); its cond_stage_model.model.* layout "
+                                  "is not supported.")
+    return {text_encoder_ldm_key(k): v for k, v in text_encoder.state_dict().items()}
+
+
+def pipeline_to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """UNet + VAE + CLIP text encoder as one state dict in the original SD1 key layout."""
+    if unet.config.get("addition_embed_type") == "text_time":
+        raise NotImplementedError("SDXL pipelines need both text encoders under conditioner.embedders.*, which is "
+                                  "not supported; unet_ldm_names() does cover the SDXL UNet.")
+    merged = unet_to_ldm(unet) | vae_to_ldm(vae) | text_encoder_to_ldm(text_encoder)
+    if len(merged) != sum(len(part.state_dict()) for part in (unet, vae, text_encoder)):
+        raise AssertionError("two parameters were given the same LDM name: a name table is wrong")
+    return merged
+
+
+# ===== files ===================================================================================
+
+
+def save_single_file(pipe, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a StableDiffusionPipeline as one SD1-layout .safetensors (temp name, then rename)."""
+    state = pipeline_to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
+    # .contiguous(): the VAE attention weights are reshaped views; safetensors wants dense CPU tensors.
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    return save_safetensors_atomic(tensors, Path(path), {"format": "pt", **(metadata or {})})
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path | None:
+    """The local cache's copy of a hub repo's configs, never a download."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=CONFIG_PATTERNS))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        return None
+
+
+def _pipeline_components(folder: Path) -> list[str]:
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    return [name for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+            and name not in OPTIONAL_COMPONENTS]
+
+
+def config_folder(config: str | Path | None, checkpoint: str | Path) -> Path:
+    """A folder with model_index.json and each component's config, or a ConfigError saying what to pass."""
+    how = (f"loading {checkpoint} needs --single_file_config (config= in Python): a local diffusers pipeline folder "
+           "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; configs are enough, no weights) "
+           "that matches the checkpoint, e.g. the folder of the model it was fine-tuned from")
+    if config is None:
+        raise ConfigError(f"{how}; none was given.")
+    folder = assets.resolve(config)
+    if not folder.is_dir() and _looks_like_repo_id(str(config)):
+        folder = _cached_hub_snapshot(str(config)) or folder
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(f"{how}; {config} is not such a folder (no model_index.json), nor a hub id in the local "
+                          "cache.")
+    missing = [name for name in _pipeline_components(folder) if not (folder / name).is_dir()]
+    if missing:
+        raise ConfigError(f"{how}; {folder} lacks {', '.join(f'{m}/' for m in missing)}.")
+    return folder
+
+
+def single_file_problems(path: str | Path, config: str | Path | None, allow_pickle_weights: bool = False) -> list[str]:
+    """What stops a single-file checkpoint from loading offline, found before any weight is read."""
+    checkpoint = Path(path)
+    if checkpoint.suffix != ".safetensors" and not allow_pickle_weights:
+        return [f"{checkpoint}: a pickle checkpoint ({checkpoint.suffix}) can run code when loaded; convert it "
+                "to .safetensors (training also takes --allow_pickle_weights for files you trust)."]
+    if not checkpoint.is_file():
+        return [f"{checkpoint}: no such file."]  # diffusers would take it for a hub path
+    problems = []
+    try:
+        config_folder(config, checkpoint)
+    except ConfigError as err:
+        problems.append(str(err))
+    return problems
+
+
+def _missing_parts(checkpoint: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), "pt") as f:
+        keys = list(f.keys())
+    return [part for part, prefixes in PART_PREFIXES.items() if not any(k.startswith(prefixes) for k in keys)]
+
+
+def load_single_file_pipeline(path: str | Path, config: str | Path | None,
+                              torch_dtype: torch.dtype = torch.float32, *, allow_pickle_weights: bool = False,
+                              **components):
+    """A StableDiffusionPipeline from an SD1/SD2-layout .safetensors, built offline from `config`'s configs.
+
+    `config`: a local diffusers pipeline folder (configs suffice), a bundled teacher's name, or a hub
+    id already in the local cache. `components` (e.g. `scheduler=DDIMScheduler(...)`, `vae=...`)
+    replace the file's or the folder's parts. A .ckpt / .pt file (a pickle, which can run code when
+    loaded) is refused unless `allow_pickle_weights`. Calls, in effect::
+
+        StableDiffusionPipeline.from_single_file(path, config=<folder>, local_files_only=True,
+            torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **components)
+
+    The VAE's scaling_factor and the scheduler come from the folder. See the module docstring for
+    the kwargs that must not be passed (prediction_type, scheduler_type, original_config).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    checkpoint = Path(path)
+    pickle = checkpoint.suffix != ".safetensors"
+    problems = single_file_problems(checkpoint, config, allow_pickle_weights)
+    if problems:
+        raise ConfigError(" ".join(problems))
+    legacy = [k for k in LEGACY_LOAD_KWARGS if k in components]
+    if legacy:
+        raise ConfigError(f"{', '.join(legacy)}: these make diffusers ignore the config folder's scheduler; pass a "
+                          "configured scheduler instead (scheduler=DDIMScheduler.from_pretrained(...)).")
+    folder = config_folder(config, checkpoint)
+    missing = [] if pickle else [part for part in _missing_parts(checkpoint) if part not in components]
+    if missing:
+        raise ConfigError(f"{checkpoint} has no {', '.join(missing)} weights, which diffusers reports only as an "
+                          f"unclear error later. Pass the part explicitly ({missing[0]}=...).")
+    return StableDiffusionPipeline.from_single_file(
+        str(checkpoint), config=str(folder), local_files_only=True, torch_dtype=torch_dtype,
+        **{**LOAD_DEFAULTS, **components},
+    )
