@@ -62,6 +62,10 @@ def cache_main(argv: list[str] | None = None) -> None:
     try:
         config, _ = parse_train_args(rest)
         problems = config.validate() + ([] if out else ["--cache_dir is required: the folder to write the cache to."])
+        if not problems:  # what the teacher's config files say, before any weight loads (as train does)
+            from .models import teacher_problems
+
+            problems = teacher_problems(config.model, config.data.resolution, config.distill.num_ddim_timesteps)
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         from .caching import write_cache

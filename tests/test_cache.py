@@ -112,3 +112,13 @@ def test_the_cache_command_keeps_the_presets_source(world, tmp_path):
     cache_main(["--config", str(preset), "--cache_dir", str(tmp_path / "c")])  # --cache_dir: the output here
     written = load_file(tmp_path / "c" / "shard-00000.safetensors")
     assert torch.equal(written["latent_parameters"], load_file(cache / "shard-00000.safetensors")["latent_parameters"])
+
+
+def test_the_cache_command_checks_the_teacher_before_loading_it(tmp_path, monkeypatch):
+    from lcm_lora import caching
+    from lcm_lora.cli import cache_main
+
+    monkeypatch.setattr(caching, "load_teacher", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(SystemExit, match="--resolution 63 is not a multiple of the VAE's downsampling factor 4"):
+        cache_main(["--pretrained_teacher_model", "teacher-eps", "--train_data_dir", str(tmp_path),
+                    "--resolution", "63", "--cache_dir", str(tmp_path / "c")])
