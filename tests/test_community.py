@@ -85,3 +85,14 @@ def test_build_writes_a_loadable_checkpoint_and_style_lora(tmp_path):
     assert any(moved)  # the UNet was fine-tuned
     base.load_lora_weights(str(tmp_path / "style-dusk"), adapter_name="style")
     assert base.get_active_adapters() == ["style"]
+
+
+def test_the_dataset_command_writes_the_dusk_world(tmp_path):
+    from PIL import Image
+
+    from lcm_lora.world.dataset import main
+
+    main(["--out", str(tmp_path / "dusk"), "--num_images", "8", "--palette", "dusk"])
+    images = np.stack([np.array(Image.open(p)) for p in sorted((tmp_path / "dusk").glob("*.png"))])
+    assert len(images) == 8 and style_score(images, "dusk") == 1.0
+    assert np.array_equal(images[3], render(scene_from_seed(3), 3, "dusk"))  # the same scenes, dusk backgrounds

@@ -18,16 +18,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from .scene import all_scenes, sample
+from .scene import PALETTES, all_scenes, sample
 
 
-def write_imagefolder(out_dir: str | Path, num_images: int, first_seed: int = 0) -> Path:
-    """Images for seeds [first_seed, first_seed + num_images); the same seeds give the same files."""
+def write_imagefolder(out_dir: str | Path, num_images: int, first_seed: int = 0, palette: str = "base") -> Path:
+    """Images for seeds [first_seed, first_seed + num_images); the same seeds give the same files. `palette`
+    "dusk" draws the same scenes on the community fine-tune's backgrounds (scene.PALETTES)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "metadata.jsonl", "w") as metadata:
         for seed in range(first_seed, first_seed + num_images):
-            scene, image = sample(seed)
+            scene, image = sample(seed, palette)
             file_name = f"{seed:07d}.png"
             Image.fromarray(image).save(out_dir / file_name, optimize=False, compress_level=1)
             metadata.write(json.dumps({"file_name": file_name, "text": scene.caption}) + "\n")
@@ -69,11 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first_seed", type=int, default=0)
     parser.add_argument("--format", choices=["imagefolder", "webdataset"], default="imagefolder")
     parser.add_argument("--shard_size", type=int, default=250, help="Samples per tar (webdataset only).")
+    parser.add_argument("--palette", choices=sorted(PALETTES), default="base",
+                        help="dusk: the community fine-tune's world (imagefolder only).")
     args = parser.parse_args(argv)
     if args.format == "webdataset":
+        if args.palette != "base":
+            parser.error("--palette applies to --format imagefolder only.")
         write_shards(args.out, args.num_images, args.shard_size, args.first_seed)
     else:
-        write_imagefolder(args.out, args.num_images, args.first_seed)
+        write_imagefolder(args.out, args.num_images, args.first_seed, args.palette)
     (args.out / "prompts.txt").write_text("\n".join(held_out_prompt_list()) + "\n")
     print(f"wrote {args.num_images} images to {args.out}")
 
