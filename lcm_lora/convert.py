@@ -19,7 +19,7 @@ from . import export, formats
 from .checkpoint import checkpoint_step
 from .config import ModelArgs
 from .models import load_unet_config, unet_config
-from .single_file import UNET_PREFIX, config_folder, unet_ldm_names
+from .single_file import config_folder, unet_ldm_key, unet_ldm_names
 
 # Hashes of the weights describe the file before the merge: dropped rather than left wrong.
 STALE_AFTER_MERGE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
@@ -110,7 +110,7 @@ def merge_lora(checkpoint: str | Path, lora: str | Path, output: str | Path, con
     modules, lora_meta = export.read_lora(lora, config)
     names = unet_ldm_names(config)
     for path, module in modules.items():
-        key = UNET_PREFIX + names[path] + ".weight"
+        key = unet_ldm_key(f"{path}.weight", names)
         if key not in tensors:
             raise formats.LoraFormatError(f"{checkpoint}: no tensor {key} for the LoRA module {path}; is it the model "
                                           f"the LoRA and --single_file_config {config_dir} describe?")
