@@ -375,6 +375,9 @@ def train(config: TrainConfig) -> Path:
     if accelerator.is_main_process:
         for path in export_lora(accelerator, unet, config, teacher, global_step, out, config.run.export_formats):
             accelerator.print(f"saved {path}")
+    # Every process tears the process group down together: a rank 0 that destroys it after the others have
+    # exited can hang for good (pytorch/pytorch#75097; seen once in CI with gloo, after the export).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 

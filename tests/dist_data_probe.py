@@ -29,3 +29,5 @@ else:
     loader = accelerator.prepare(make_dataloader(load_source(args), tokenizer, args, batch_size=2, seed=0))
 seen = [hashlib.sha1(pixels.numpy().tobytes()).hexdigest() for batch in loader for pixels in batch["pixel_values"]]
 (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(seen))
+accelerator.wait_for_everyone()  # then tear the process group down together, as the trainer does
+accelerator.end_training()

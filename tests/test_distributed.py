@@ -1,8 +1,11 @@
 """Two real processes (torchrun, gloo on CPU) through Accelerate: disjoint data per rank, and training."""
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -18,11 +21,34 @@ ROOT = Path(__file__).resolve().parents[1]
 N = 16
 
 
-def _torchrun(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """torchrun, failing the test on a hang with every worker's Python stack and leaving no worker behind
+    (torchrun starts each worker in a session of its own, and subprocess.run's timeout kills torchrun alone)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        workers = _children(process.pid)
+        for pid in workers:
+            os.kill(pid, signal.SIGABRT)  # faulthandler prints the worker's stacks into our stderr, then it dies
+        process.terminate()
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        finally:
+            for pid in [process.pid, *workers]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"torchrun still running after {timeout} s; stacks:\n{stderr[-12000:]}\nstdout:\n{stdout[-1000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert (result.returncode == 0) == ok, result.stderr[-3000:]
     return result
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")  # Linux; elsewhere a hang leaves its workers running
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
 def _train_args(tmp_path, *data: str) -> list[str]:
