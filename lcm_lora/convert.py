@@ -17,7 +17,7 @@ import yaml
 
 from . import export, formats
 from .checkpoint import checkpoint_step
-from .config import ModelArgs
+from .config import ModelArgs, RunArgs
 from .models import load_unet_config, unet_config
 from .single_file import config_folder, unet_ldm_key, unet_ldm_names
 
@@ -52,8 +52,8 @@ def export_lora_files(source: str | Path, out_dir: str | Path, export_formats: l
     info = export.ExportInfo(config_flat=flat, teacher=teacher, prediction_type=prediction, steps=src.steps,
                              unet_config=config, output_name=output_name or flat.get("output_name")
                              or export.default_output_name(teacher))
-    export_formats = export_formats or flat.get("export_formats") or ["diffusers", "kohya"]
-    dtype = dtype or export.DTYPES[flat.get("export_dtype", "fp16")]
+    export_formats = export_formats or flat.get("export_formats") or list(RunArgs.export_formats)
+    dtype = dtype or export.DTYPES[flat.get("export_dtype", RunArgs.export_dtype)]
     return export.write_formats(src.read_modules(config), out_dir, export_formats, dtype, info)
 
 

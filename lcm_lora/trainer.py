@@ -366,7 +366,7 @@ def train(config: TrainConfig) -> Path:
     if stop_signal:
         if saved is None or checkpoint_step(saved) != global_step:  # the same on every process: saving is collective
             saved = save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit, need_bytes)
-        accelerator.end_training()
+        end_processes(accelerator)
         raise TrainingStopped(f"stopped by {signal.Signals(stop_signal).name} after step {global_step}; the state "
                               f"is in {saved}. Resume with the same command plus --resume_from_checkpoint latest.",
                               exit_code=128 + stop_signal)
@@ -375,9 +375,13 @@ def train(config: TrainConfig) -> Path:
     if accelerator.is_main_process:
         for path in export_lora(accelerator, unet, config, teacher, global_step, out, config.run.export_formats):
             accelerator.print(f"saved {path}")
-    # Every process tears the process group down together: a rank 0 that destroys it after the others have
-    # exited can hang for good (pytorch/pytorch#75097; seen once in CI with gloo, after the export).
+    end_processes(accelerator)
+    return out
+
+
+def end_processes(accelerator: Accelerator) -> None:
+    """Trackers closed and the process group torn down by every process together: a rank 0 that destroys it
+    after the others have exited can hang for good (pytorch/pytorch#75097; seen once in CI with gloo)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return out
 

@@ -34,12 +34,12 @@ def _torchrun(*args: str, ok: bool = True, timeout: float = 300) -> subprocess.C
         for pid in workers:
             os.kill(pid, signal.SIGABRT)  # faulthandler prints the worker's stacks into our stderr, then it dies
         process.terminate()
-        try:
-            stdout, stderr = process.communicate(timeout=30)
-        finally:
-            for pid in [process.pid, *workers]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=30)
+        for pid in [process.pid, *workers]:  # whatever is still running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()  # all the output, also after a second timeout
         pytest.fail(f"torchrun still running after {timeout} s; stacks:\n{stderr[-12000:]}\nstdout:\n{stdout[-1000:]}")
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert (result.returncode == 0) == ok, result.stderr[-3000:]
