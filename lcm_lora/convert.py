@@ -18,7 +18,7 @@ import yaml
 from . import export, formats
 from .checkpoint import checkpoint_step
 from .config import ModelArgs, RunArgs
-from .models import load_unet_config, unet_config
+from .models import load_unet_config, teacher_prediction_type, unet_config
 from .single_file import config_folder, unet_ldm_key, unet_ldm_names
 
 # Hashes of the weights describe the file before the merge: dropped rather than left wrong.
@@ -48,7 +48,7 @@ def export_lora_files(source: str | Path, out_dir: str | Path, export_formats: l
     single_file_config = single_file_config or flat.get("single_file_config")
     model = ModelArgs(pretrained_teacher_model=teacher, single_file_config=single_file_config)
     config = unet_config(model)
-    prediction = flat.get("prediction_type") or meta.get("lcm_lora.prediction_type") or _scheduler_prediction(model)
+    prediction = flat.get("prediction_type") or meta.get("lcm_lora.prediction_type") or teacher_prediction_type(model)
     info = export.ExportInfo(config_flat=flat, teacher=teacher, prediction_type=prediction, steps=src.steps,
                              unet_config=config, output_name=output_name or flat.get("output_name")
                              or export.default_output_name(teacher))
@@ -86,14 +86,6 @@ def _run_kohya_file(folder: Path) -> Path | None:
     name = flat.get("output_name") or export.default_output_name(flat.get("pretrained_teacher_model", ""))
     path = folder / f"{name}.safetensors"
     return path if path.is_file() else None
-
-
-def _scheduler_prediction(model: ModelArgs) -> str:
-    from diffusers import DDPMScheduler
-
-    from .models import config_source
-
-    return DDPMScheduler.load_config(config_source(model), subfolder="scheduler").get("prediction_type", "epsilon")
 
 
 def merge_lora(checkpoint: str | Path, lora: str | Path, output: str | Path, config_dir: str,

@@ -91,7 +91,7 @@ def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> T
     # use_safetensors=True: diffusers and transformers refuse pickle weights instead of falling back to them.
     common = dict(revision=args.revision, use_safetensors=None if args.allow_pickle_weights else True)
     noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=args.revision)
-    prediction_type = _prediction_type(args, noise_scheduler, source)
+    prediction_type = _prediction_type(args, noise_scheduler.config, source)
     tokenizer = text_encoder = vae = None
     try:
         if encoders:
@@ -132,13 +132,19 @@ def _load_single_file_teacher(args: ModelArgs, encoders: bool, unet: bool) -> Te
         vae=pipe.vae if encoders else None,
         unet=pipe.unet if unet else None,
         noise_scheduler=noise_scheduler,
-        prediction_type=_prediction_type(args, noise_scheduler, args.pretrained_teacher_model),
+        prediction_type=_prediction_type(args, noise_scheduler.config, args.pretrained_teacher_model),
         source=args.pretrained_teacher_model,
     )
 
 
-def _prediction_type(args: ModelArgs, noise_scheduler: DDPMScheduler, source: str) -> str:
-    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+def teacher_prediction_type(args: ModelArgs) -> str:
+    """The teacher's prediction type (--prediction_type, else its scheduler config), read without any weights."""
+    config = DDPMScheduler.load_config(config_source(args), subfolder="scheduler", revision=args.revision)
+    return _prediction_type(args, config, args.pretrained_teacher_model)
+
+
+def _prediction_type(args: ModelArgs, scheduler_config, source: str) -> str:
+    prediction_type = args.prediction_type or scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"{source}: prediction type {prediction_type!r} is not one of {PREDICTION_TYPES}; "
                          "set --prediction_type.")

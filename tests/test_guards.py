@@ -2,10 +2,12 @@
 
 import json
 import logging
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,26 +170,49 @@ def test_a_failed_write_is_reported_and_the_previous_checkpoint_kept(data_dir, t
     assert not list(tmp_path.glob("*.partial"))
 
 
+class _StreamReader(threading.Thread):
+    """Collects a child's stream as it comes, so a test can wait for a line and still read it all."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream, self.chunks = stream, []
+
+    def run(self) -> None:
+        for chunk in iter(lambda: self.stream.read1(4096), b""):
+            self.chunks.append(chunk)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_finishes_the_step_checkpoints_and_says_how_to_resume(data_dir, tmp_path, sig):
-    config = _config(data_dir, tmp_path / "whole", max_train_steps=6, checkpointing_steps=4)
+    steps = 24  # enough that the run cannot end between seeing its first step and the signal arriving
+    config = _config(data_dir, tmp_path / "whole", max_train_steps=steps, checkpointing_steps=steps)
     whole = load_file(trainer.train(config) / DIFFUSERS_WEIGHT_NAME)
     out = tmp_path / "stopped"
     argv = [sys.executable, str(ROOT / "train_lcm_lora.py"), "--pretrained_teacher_model", "teacher-eps",
             "--train_data_dir", str(data_dir), "--resolution", "64", "--train_batch_size", "4", "--max_train_steps",
-            "6", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
-            "--checkpointing_steps", "4", "--report_to", "none", "--seed", "0", "--output_dir", str(out)]
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            str(steps), "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+            "--checkpointing_steps", str(steps), "--report_to", "none", "--seed", "0", "--output_dir", str(out)]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = _StreamReader(process.stderr)
+    stderr.start()
     deadline = time.monotonic() + 300
-    while not (out / "config.yaml").exists() and time.monotonic() < deadline:  # the model is loaded
+    # The progress bar shows a finished step only from inside the loop, where the stop handlers are set.
+    while not re.search(rf"\| [1-9]\d*/{steps} ", stderr.text) and process.poll() is None:
+        assert time.monotonic() < deadline, stderr.text[-2000:]
         time.sleep(0.02)
-    time.sleep(1.0)  # inside the training loop by now (its handlers are set right after config.yaml)
     process.send_signal(sig)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 128 + sig, stderr[-2000:]
+    process.wait(timeout=300)
+    stderr.join(timeout=60)
+    log = stderr.text
+    assert process.returncode == 128 + sig, log[-2000:]
     stopped = [p.name for p in checkpoints(out)]
-    assert len(stopped) == 1 and f"stopped by {sig.name} after step {stopped[0].split('-')[1]}" in stderr
-    assert "Resume with the same command plus --resume_from_checkpoint latest." in stderr
+    assert len(stopped) == 1 and f"stopped by {sig.name} after step {stopped[0].split('-')[1]}" in log
+    assert int(stopped[0].split("-")[1]) < steps
+    assert "Resume with the same command plus --resume_from_checkpoint latest." in log
     resumed = trainer.train(TrainConfig.from_flat_dict({**config.to_flat_dict(), "output_dir": str(out),
                                                        "resume_from_checkpoint": "latest"}))
     final = load_file(resumed / DIFFUSERS_WEIGHT_NAME)
