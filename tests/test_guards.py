@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lcm_lora import trainer
-from lcm_lora.checkpoint import TrainingStopped, checkpoints
+from lcm_lora.checkpoint import TrainingStopped, checkpoint_step, checkpoints
 from lcm_lora.config import ConfigError, TrainConfig
 from lcm_lora.export import DIFFUSERS_WEIGHT_NAME, LORA_CHECKPOINT_NAME
 from lcm_lora.world import assets
@@ -209,9 +209,10 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_says_how_to_resume(data
     stderr.join(timeout=60)
     log = stderr.text
     assert process.returncode == 128 + sig, log[-2000:]
-    stopped = [p.name for p in checkpoints(out)]
-    assert len(stopped) == 1 and f"stopped by {sig.name} after step {stopped[0].split('-')[1]}" in log
-    assert int(stopped[0].split("-")[1]) < steps
+    stopped = checkpoints(out)
+    assert len(stopped) == 1, stopped
+    step = checkpoint_step(stopped[0])
+    assert step < steps and f"stopped by {sig.name} after step {step}" in log
     assert "Resume with the same command plus --resume_from_checkpoint latest." in log
     resumed = trainer.train(TrainConfig.from_flat_dict({**config.to_flat_dict(), "output_dir": str(out),
                                                        "resume_from_checkpoint": "latest"}))
