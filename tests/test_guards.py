@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -214,6 +215,35 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_says_how_to_resume(data
     step = checkpoint_step(stopped[0])
     assert step < steps and f"stopped by {sig.name} after step {step}" in log
     assert "Resume with the same command plus --resume_from_checkpoint latest." in log
+    resumed = trainer.train(TrainConfig.from_flat_dict({**config.to_flat_dict(), "output_dir": str(out),
+                                                       "resume_from_checkpoint": "latest"}))
+    final = load_file(resumed / DIFFUSERS_WEIGHT_NAME)
+    assert all(torch.equal(whole[k], final[k]) for k in whole)
+
+
+def test_a_stop_signal_on_a_checkpointing_step_reuses_that_checkpoint(data_dir, tmp_path, monkeypatch):
+    """The signal arrives while step 2 writes its periodic checkpoint: the stop path must not save step 2 again,
+    and the checkpoint it names must resume to the same LoRA as a run that was never stopped."""
+    config = _config(data_dir, tmp_path / "whole")
+    whole = load_file(trainer.train(config) / DIFFUSERS_WEIGHT_NAME)
+    real, saves = trainer.save_checkpoint, []
+
+    def save_then_signal(accelerator, out, step, *args, **kwargs):
+        saves.append(step)
+        path = real(accelerator, out, step, *args, **kwargs)
+        if saves == [2]:  # once: a second signal would meet the default handler and end pytest itself
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the trainer's handler, as a preemption would be
+        return path
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_signal)
+    out = tmp_path / "stopped"
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM after step 2; the state is in .*checkpoint-2\. "
+                                              r"Resume") as stopped:
+        trainer.train(TrainConfig.from_flat_dict({**config.to_flat_dict(), "output_dir": str(out)}))
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert saves == [2], saves  # the periodic save only: the stop path reused it
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2"]
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
     resumed = trainer.train(TrainConfig.from_flat_dict({**config.to_flat_dict(), "output_dir": str(out),
                                                        "resume_from_checkpoint": "latest"}))
     final = load_file(resumed / DIFFUSERS_WEIGHT_NAME)
