@@ -32,23 +32,26 @@ def lcd_loss(student: UNetFn, teacher: UNetFn, target: UNetFn, x0: torch.Tensor,
     # 3. Sample the guidance scale w ~ U[w_min, w_max] per example.
     w = sample_guidance_scale(b, d.w_min, d.w_max).to(x0).view(b, *[1] * (x0.ndim - 1))
 
-    # 4. Student (LoRA on, with grad): f_theta(z_{t_{n+k}}, t_{n+k}) = c_skip z + c_out x0_hat.
-    c_skip, c_out = boundary_scalings(t_n_plus_k, d.sigma_data, d.timestep_scaling_factor, x0.ndim)
-    x0_student, _ = to_x0_eps(student(z, t_n_plus_k, c), z, alpha_nk, sigma_nk, prediction_type)
-    f_student = consistency_fn(z, x0_student, c_skip, c_out)
-
     with torch.no_grad():
-        # 5. Teacher (LoRA off): cond and uncond in one call of batch 2B, CFG on x0 and eps,
+        # 4. Teacher (LoRA off): cond and uncond in one call of batch 2B, CFG on x0 and eps,
         #    then one DDIM step from t_{n+k} to t_n.
         out = teacher(torch.cat([z, z]), torch.cat([t_n_plus_k, t_n_plus_k]), torch.cat([c, c_uncond]))
         x0_both, eps_both = to_x0_eps(out, torch.cat([z, z]), torch.cat([alpha_nk, alpha_nk]),
                                       torch.cat([sigma_nk, sigma_nk]), prediction_type)
         (x0_c, x0_u), (eps_c, eps_u) = x0_both.chunk(2), eps_both.chunk(2)
         z_prev = ddim_step(guide(x0_c, x0_u, w), guide(eps_c, eps_u, w), alpha_n, sigma_n)
-        # 6. Target (LoRA on, no grad): f_theta(z_{t_n}, t_n), the student's own estimate one step later.
+        # 5. Target (LoRA on, no grad): f_theta(z_{t_n}, t_n), the student's own estimate one step later.
         c_skip_n, c_out_n = boundary_scalings(t_n, d.sigma_data, d.timestep_scaling_factor, x0.ndim)
         x0_target, _ = to_x0_eps(target(z_prev, t_n, c), z_prev, alpha_n, sigma_n, prediction_type)
         f_target = consistency_fn(z_prev, x0_target, c_skip_n, c_out_n)
+
+    # 6. Student (LoRA on, with grad): f_theta(z_{t_{n+k}}, t_{n+k}) = c_skip z + c_out x0_hat. Last, as in
+    #    Algorithm 1 (solver, then loss), so that no activation kept for its backward is alive during the
+    #    no-grad calls: measured on the tiny teacher (CPU, batch 32), student first cost 1.14x the three
+    #    UNet calls alone, this order 1.02x, with bit-identical loss and gradients.
+    c_skip, c_out = boundary_scalings(t_n_plus_k, d.sigma_data, d.timestep_scaling_factor, x0.ndim)
+    x0_student, _ = to_x0_eps(student(z, t_n_plus_k, c), z, alpha_nk, sigma_nk, prediction_type)
+    f_student = consistency_fn(z, x0_student, c_skip, c_out)
 
     # 7. Per-example distance d(f_student, f_target).
     return consistency_loss(f_student.float(), f_target.float(), d.loss_type, d.huber_c)

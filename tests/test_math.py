@@ -117,3 +117,35 @@ def test_guidance_scale_samples_cover_the_range_deterministically():
     w = sample_guidance_scale(10_000, 2.0, 6.0, torch.Generator().manual_seed(0))
     assert w.shape == (10_000,) and 2.0 <= w.min() and w.max() <= 6.0 and w.max() - w.min() > 3.9
     torch.testing.assert_close(w, sample_guidance_scale(10_000, 2.0, 6.0, torch.Generator().manual_seed(0)))
+
+
+def test_the_step_runs_the_no_grad_networks_first_and_differentiates_only_the_student():
+    """The order of lcd_loss's network calls (teacher, target, then student: no activation kept for the backward is
+    alive during the no-grad calls) and the stop-gradient on the target, with three linear 'UNets' sharing theta."""
+    from lcm_lora.config import DistillArgs
+    from lcm_lora.distill import lcd_loss
+
+    theta, calls = torch.tensor(0.9, requires_grad=True), []
+
+    def network(name, weight=theta):
+        def fn(z, t, c):
+            calls.append((name, torch.is_grad_enabled(), z.shape[0]))
+            return weight * z + c.mean((1, 2)).view(-1, 1, 1, 1)
+        return fn
+
+    b, x0 = 3, torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    c, c_uncond = torch.randn(b, 5, 16, generator=torch.Generator().manual_seed(1)), torch.zeros(b, 5, 16)
+    args, grid = DistillArgs(loss_type="l2"), ddim_timesteps(1000, 50)
+    torch.manual_seed(0)  # the step's own draws (t, noise, w): the same in both calls
+    loss = lcd_loss(network("student"), network("teacher"), network("target"), x0, c, c_uncond, abar().float(), grid,
+                    args, "epsilon")
+    assert calls == [("teacher", False, 2 * b), ("target", False, b), ("student", True, b)]
+    assert loss.shape == (b,) and loss.requires_grad
+    loss.sum().backward()
+    # Only the student's branch carries the gradient: the same step with teacher and target on a detached copy of
+    # theta (so no path through them could exist) gives the same gradient.
+    grad, theta.grad, fixed = theta.grad.clone(), None, theta.detach().clone()
+    torch.manual_seed(0)
+    lcd_loss(network("student"), network("teacher", fixed), network("target", fixed), x0, c, c_uncond,
+             abar().float(), grid, args, "epsilon").sum().backward()
+    assert torch.allclose(grad, theta.grad)
