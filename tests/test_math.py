@@ -4,6 +4,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, LCMScheduler
 
+from lcm_lora.config import DistillArgs
+from lcm_lora.distill import lcd_loss
 from lcm_lora.losses import consistency_loss, l2, pseudo_huber, sample_guidance_scale
 from lcm_lora.schedule import alpha_sigma, boundary_scalings, ddim_timesteps, sample_timestep_pair
 from lcm_lora.solver import consistency_fn, ddim_step, guide, to_x0_eps
@@ -122,9 +124,6 @@ def test_guidance_scale_samples_cover_the_range_deterministically():
 def test_the_step_runs_the_no_grad_networks_first_and_differentiates_only_the_student():
     """The order of lcd_loss's network calls (teacher, target, then student: no activation kept for the backward is
     alive during the no-grad calls) and the stop-gradient on the target, with three linear 'UNets' sharing theta."""
-    from lcm_lora.config import DistillArgs
-    from lcm_lora.distill import lcd_loss
-
     theta, calls = torch.tensor(0.9, requires_grad=True), []
 
     def network(name, weight=theta):
