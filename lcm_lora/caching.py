@@ -1,6 +1,7 @@
 """Write cached encodings (`lcm-lora cache`): each usable sample encoded once by the teacher's VAE
 and text encoder, in the layout `lcm_lora.data.cache` documents. Bad samples are skipped and counted
-exactly as in training; the cache is written to a temporary folder and renamed when complete."""
+exactly as in training; the cache is written to a temporary folder, claimed with a lock, and renamed when
+complete. It never replaces a folder it did not write."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .data.cache import EMPTY, FORMAT, MANIFEST
 from .data.loader import decode_row, sample_name, tokenize
 from .data.shards import NAME, expand_shards, shard_rows
 from .models import load_teacher, teacher_fingerprint
+from .run_dir import OutputLock
 
 SHARD_SIZE = 4096
 
@@ -73,13 +75,53 @@ def source_rows(args: DataArgs, skipped: list[tuple[str, str]]) -> Iterator[tupl
 @torch.no_grad()
 def write_cache(config: TrainConfig, cache_dir: str | Path, batch_size: int = 64, device: str = "cpu") -> dict:
     """Encode `config`'s data source with its teacher into `cache_dir`; returns the manifest."""
-    a = config.data
     final = Path(cache_dir)
-    if (final / MANIFEST).exists():
-        raise FileExistsError(f"{final} already holds a cache; remove it or choose another folder.")
+    check_cache_target(final, config.run.overwrite)
     tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    _remove_cut_off_cache(tmp)
+    with OutputLock(tmp, "--cache_dir") as lock:
+        manifest = _write_shards(config, tmp, batch_size, device)
+        lock.path.unlink()  # the finished cache holds no lock file; the claim lasts until the rename
+        check_cache_target(final, config.run.overwrite)  # again: files may have appeared while encoding
+        if final.exists():  # empty, or with --overwrite an earlier cache
+            shutil.rmtree(final)
+        tmp.rename(final)
+    return manifest
+
+
+def check_cache_target(final: Path, overwrite: bool) -> None:
+    """The cache folder must be new, empty, or (with --overwrite) an earlier cache: never anything else, which
+    could be the user's data (--cache_dir equal to --train_data_dir)."""
+    if final.is_file():
+        raise FileExistsError(f"--cache_dir {final} is a file; name a folder.")
+    if not final.is_dir() or not any(final.iterdir()):
+        return
+    if not (final / MANIFEST).is_file():
+        example = next(iter(sorted(final.iterdir()))).name
+        raise FileExistsError(f"--cache_dir {final} holds files that are not a cache (e.g. {example}); name a new or "
+                              "empty folder. Nothing was changed.")
+    if not overwrite:
+        raise FileExistsError(f"--cache_dir {final} already holds a cache; choose another folder, or add --overwrite "
+                              "to replace it.")
+
+
+def _remove_cut_off_cache(tmp: Path) -> None:
+    """A `.partial` folder left by a cache that was cut off is removed; one that another cache is writing, or one
+    this command did not create (it has no lock file), is refused."""
+    if not tmp.exists():
+        return
+    lock = OutputLock(tmp, "--cache_dir")
+    if lock.held_elsewhere():
+        raise FileExistsError(lock.in_use_message())
+    if not lock.path.is_file():
+        raise FileExistsError(f"{tmp} exists and was not written by `lcm-lora cache`; move it away or choose "
+                              "another --cache_dir.")
+    shutil.rmtree(tmp)
+
+
+def _write_shards(config: TrainConfig, tmp: Path, batch_size: int, device: str) -> dict:
+    """Encode every usable sample into shards under `tmp`, then the empty prompt and the manifest."""
+    a = config.data
     teacher = load_teacher(config.model, unet=False)
     teacher.vae.to(device).eval()
     teacher.text_encoder.to(device).eval()
@@ -121,6 +163,4 @@ def write_cache(config: TrainConfig, cache_dir: str | Path, batch_size: int = 64
         "skipped": dict(log.reasons),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)  # an empty or partial folder: the check above saw no manifest
-    tmp.rename(final)
     return manifest

@@ -36,13 +36,14 @@ def train_main(argv: list[str] | None = None) -> None:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    from .data import DataError
     from .checkpoint import TrainingStopped
+    from .data import DataError
+    from .formats import LoraFormatError
     from .trainer import train
 
     try:
         train(config)
-    except (DataError, ConfigError) as err:  # checkpoints already written stay; the message says what to fix
+    except (DataError, ConfigError, LoraFormatError) as err:  # checkpoints written stay; the message says what to fix
         sys.exit(f"error: {err}")
     except TrainingStopped as err:
         print(err, file=sys.stderr)
@@ -97,17 +98,25 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--output_dir", type=Path, default=Path("generated"))
+    parser.add_argument("--overwrite", action="store_true", help="Replace images already in --output_dir.")
     args = parser.parse_args(argv)
-    from .inference import generate, load_lcm_pipeline, save_images
+    from .inference import generate, image_paths, load_lcm_pipeline, save_images
+    from .models import resolve_teacher
+    from .safetensors_io import check_outputs
+    from .world import assets
 
-    try:
+    inputs = [resolve_teacher(args.pretrained_model), args.lora and assets.resolve(args.lora),
+              args.single_file_config and resolve_teacher(args.single_file_config)]
+    try:  # the outputs are checked first: a refusal should not come after minutes of loading and sampling
+        check_outputs(image_paths(args.output_dir, len(args.prompt)), inputs, args.overwrite)
         pipe = load_lcm_pipeline(args.pretrained_model, args.lora, args.device, DTYPES[args.dtype],
                                  args.num_ddim_timesteps, args.timestep_scaling_factor, args.single_file_config)
+        images = generate(pipe, args.prompt, args.num_inference_steps, args.guidance_scale, args.seed,
+                          args.height, args.width)
+        grid = save_images(images, args.output_dir, overwrite=args.overwrite)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
-    images = generate(pipe, args.prompt, args.num_inference_steps, args.guidance_scale, args.seed,
-                      args.height, args.width)
-    print(f"wrote {len(images)} images and {save_images(images, args.output_dir)}")
+    print(f"wrote {len(images)} images and {grid}")
 
 
 def export_main(argv: list[str] | None = None) -> None:
@@ -127,12 +136,15 @@ def export_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained_teacher_model", default=None,
                         help="The base model, when the source does not record it (a LoRA from elsewhere).")
     parser.add_argument("--single_file_config", default=None, help="Config folder, when that base model is a single file.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace files already in --output_dir (never the source's own files).")
     args = parser.parse_args(argv)
     from .convert import export_lora_files
 
     try:
         paths = export_lora_files(args.checkpoint, args.output_dir, args.formats, args.dtype and DTYPES[args.dtype],
-                                  args.pretrained_teacher_model, args.single_file_config, args.output_name)
+                                  args.pretrained_teacher_model, args.single_file_config, args.output_name,
+                                  args.overwrite)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
     for path in paths:
@@ -148,11 +160,14 @@ def merge_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single_file_config", required=True,
                         help="A local diffusers folder with the model's configs (its unet/config.json names the blocks).")
     parser.add_argument("--strength", type=float, default=1.0, help="Multiplier of the LoRA's update.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an existing --output (never --checkpoint or --lora).")
     args = parser.parse_args(argv)
     from .convert import merge_lora
 
     try:
-        path, changed = merge_lora(args.checkpoint, args.lora, args.output, args.single_file_config, args.strength)
+        path, changed = merge_lora(args.checkpoint, args.lora, args.output, args.single_file_config, args.strength,
+                                   args.overwrite)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
     print(f"wrote {path}: {changed} UNet tensors changed, every other tensor as it was")

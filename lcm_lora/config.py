@@ -31,8 +31,11 @@ DEFAULT_TARGETS = (
 )
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
+def _help(text: str, low: float | None = None, high: float | None = None, low_open: bool = False,
+          high_open: bool = False) -> dict:
+    """A field's help text and, for a number, its valid range [low, high] (an end open where said, None: unbounded).
+    `TrainConfig.validate` checks every range before anything loads."""
+    return {"help": text, "range": (low, high, low_open, high_open)}
 
 
 class ConfigError(ValueError):
@@ -69,21 +72,21 @@ class DataArgs:
     dataset_config_name: str | None = field(default=None, metadata=_help("The dataset's configuration name."))
     image_column: str = field(default="image", metadata=_help("Column holding the images."))
     caption_column: str = field(default="text", metadata=_help("Column holding the captions."))
-    resolution: int = field(default=512, metadata=_help("Training resolution in pixels (square)."))
+    resolution: int = field(default=512, metadata=_help("Training resolution in pixels (square).", low=8))
     center_crop: bool = field(default=True, metadata=_help("Center crop after resizing; else random crop."))
     random_flip: bool = field(default=False, metadata=_help("Randomly flip images horizontally."))
-    proportion_empty_prompts: float = field(default=0.0, metadata=_help("Share of captions replaced by ''."))
-    max_train_samples: int | None = field(default=None, metadata=_help("Use only this many samples."))
+    proportion_empty_prompts: float = field(default=0.0, metadata=_help("Share of captions replaced by ''.", low=0, high=1))
+    max_train_samples: int | None = field(default=None, metadata=_help("Use only this many samples.", low=1))
     max_bad_samples_fraction: float = field(default=0.05, metadata=_help(
-        "Stop when more than this share of samples read are unusable (checked from 200 samples on)."))
-    dataloader_num_workers: int = field(default=0, metadata=_help("Data-loading worker processes (0: main)."))
+        "Stop when more than this share of samples read are unusable (checked from 200 samples on).", low=0, high=1))
+    dataloader_num_workers: int = field(default=0, metadata=_help("Data-loading worker processes (0: main).", low=0))
 
 
 @dataclass
 class LoraArgs:
-    lora_rank: int = field(default=64, metadata=_help("LoRA rank r."))
-    lora_alpha: float = field(default=64.0, metadata=_help("LoRA alpha; the update is scaled by alpha / r."))
-    lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA branch."))
+    lora_rank: int = field(default=64, metadata=_help("LoRA rank r.", low=1))
+    lora_alpha: float = field(default=64.0, metadata=_help("LoRA alpha; the update is scaled by alpha / r.", low=0, low_open=True))
+    lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA branch.", low=0, high=1, high_open=True))
     lora_target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata=_help(
         "UNet module name suffixes that get a LoRA."))
 
@@ -92,55 +95,66 @@ class LoraArgs:
 class DistillArgs:
     w_min: float = field(default=5.0, metadata=_help(
         "Smallest guidance w, LCM-paper convention: eps = eps_c + w (eps_c - eps_u), "
-        "which is diffusers' guidance_scale w + 1."))
-    w_max: float = field(default=15.0, metadata=_help("Largest guidance w (same convention as --w_min)."))
+        "which is diffusers' guidance_scale w + 1.", low=0))
+    w_max: float = field(default=15.0, metadata=_help("Largest guidance w (same convention as --w_min).", low=0))
     num_ddim_timesteps: int = field(default=50, metadata=_help(
         "N, the DDIM solver's grid size; skipping step k = T / N. Use the same N at inference "
-        "(LCMScheduler's original_inference_steps)."))
+        "(LCMScheduler's original_inference_steps).", low=1))
     timestep_scaling_factor: float = field(default=10.0, metadata=_help(
-        "s in the boundary scalings c_skip, c_out (LCMScheduler's timestep_scaling)."))
-    sigma_data: float = field(default=0.5, metadata=_help("sigma_data in the boundary scalings."))
+        "s in the boundary scalings c_skip, c_out (LCMScheduler's timestep_scaling).", low=0, low_open=True))
+    sigma_data: float = field(default=0.5, metadata=_help("sigma_data in the boundary scalings.", low=0, low_open=True))
     loss_type: str = field(default="huber", metadata=_help("l2 or huber (pseudo-Huber)."))
-    huber_c: float = field(default=0.001, metadata=_help("c of the pseudo-Huber loss."))
+    huber_c: float = field(default=0.001, metadata=_help("c of the pseudo-Huber loss.", low=0, low_open=True))
     ema_decay: float = field(default=0.0, metadata=_help(
         "mu of the target network theta- = EMA of the LoRA (LCM paper); 0 targets the student itself, as "
-        "LCM-LoRA does. 0.99 removed multi-step drift on the tiny world (README, Known shortfalls)."))
+        "LCM-LoRA does. 0.99 removed multi-step drift on the tiny world (README, Known shortfalls).", low=0, high=1,
+        high_open=True))
 
 
 @dataclass
 class OptimArgs:
-    train_batch_size: int = field(default=16, metadata=_help("Batch size per device."))
-    learning_rate: float = field(default=1e-4, metadata=_help("AdamW learning rate."))
+    train_batch_size: int = field(default=16, metadata=_help("Batch size per device.", low=1))
+    learning_rate: float = field(default=1e-4, metadata=_help("AdamW learning rate.", low=0, low_open=True))
     lr_scheduler: str = field(default="constant", metadata=_help("constant, constant_with_warmup, linear, cosine."))
-    lr_warmup_steps: int = field(default=500, metadata=_help("Linear warmup steps."))
-    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1."))
-    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2."))
-    adam_weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradient norm to this (0: no clipping)."))
-    max_train_steps: int = field(default=1000, metadata=_help("Optimizer steps to train."))
-    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
+    lr_warmup_steps: int = field(default=500, metadata=_help("Linear warmup steps.", low=0))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1.", low=0, high=1, high_open=True))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2.", low=0, high=1, high_open=True))
+    adam_weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay.", low=0))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon.", low=0, low_open=True))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradient norm to this (0: no clipping).", low=0))
+    max_train_steps: int = field(default=1000, metadata=_help("Optimizer steps to train.", low=1))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step.", low=1))
 
 
 @dataclass
 class RunArgs:
     output_dir: str = field(default="lcm-lora-output", metadata=_help("Where checkpoints, logs and the LoRA go."))
-    seed: int | None = field(default=0, metadata=_help("Random seed; the same seed gives the same run."))
+    seed: int | None = field(default=0, metadata=_help("Random seed; the same seed gives the same run.", low=0,
+        high=2**32 - 1))
     mixed_precision: str = field(default="no", metadata=_help(
         "no, fp16 or bf16: the precision of the frozen weights and forward passes; LoRA weights stay fp32."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for UNet activation memory."))
     enable_xformers_memory_efficient_attention: bool = field(default=False, metadata=_help(
         "Use xformers attention (pip install 'lcm-lora[xformers]'); default is PyTorch SDPA."))
     allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
-    checkpointing_steps: int = field(default=500, metadata=_help("Save the training state every N steps."))
-    checkpoints_total_limit: int | None = field(default=None, metadata=_help("Keep at most this many checkpoints."))
-    resume_from_checkpoint: str | None = field(default=None, metadata=_help("'latest' or a checkpoint folder."))
+    checkpointing_steps: int = field(default=500, metadata=_help(
+        "Save the training state every N steps (0: only when stopped by a signal).", low=0))
+    checkpoints_total_limit: int | None = field(default=None, metadata=_help(
+        "Keep at most this many checkpoints (default: all).", low=1))
+    resume_from_checkpoint: str | None = field(default=None, metadata=_help(
+        "'latest' or a checkpoint folder. 'latest' with no checkpoint starts a new run, unless --output_dir "
+        "holds a finished or another run."))
+    allow_config_change: bool = field(default=False, metadata=_help(
+        "Resume although the configuration differs from the checkpoint's in what changes the result; each "
+        "change is recorded in the LoRA's metadata."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Start a new run in an --output_dir that holds one, replacing its checkpoints, config and LoRA files."))
     max_consecutive_nonfinite_steps: int = field(default=10, metadata=_help(
-        "Optimizer steps with a non-finite loss or gradient are skipped; stop after this many in a row."))
-    validation_steps: int = field(default=200, metadata=_help("Log validation images every N steps (0: never)."))
+        "Optimizer steps with a non-finite loss or gradient are skipped; stop after this many in a row.", low=1))
+    validation_steps: int = field(default=200, metadata=_help("Log validation images every N steps (0: never).", low=0))
     validation_prompts: tuple[str, ...] = field(default=(), metadata=_help("Prompts for validation images."))
     validation_inference_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=_help(
-        "LCM step counts shown at each validation."))
+        "LCM step counts shown at each validation.", low=1))
     export_formats: tuple[str, ...] = field(default=("diffusers", "kohya"), metadata=_help(
         "LoRA files written at the end: diffusers (pytorch_lora_weights.safetensors), kohya (<output_name>.safetensors "
         "for ComfyUI / A1111 / Forge / InvokeAI), hub (kohya keys in hub/pytorch_lora_weights.safetensors)."))
@@ -203,16 +217,10 @@ class TrainConfig:
         if c.data.cache_dir and (c.data.random_flip or not c.data.center_crop):
             problems.append("--cache_dir holds one center crop per image: drop --random_flip and "
                             "--center_crop false, or train from the images.")
-        if not 0 <= c.data.max_bad_samples_fraction <= 1:
-            problems.append("--max_bad_samples_fraction must be within [0, 1].")
-        if not 0 <= c.data.proportion_empty_prompts <= 1:
-            problems.append("--proportion_empty_prompts must be within [0, 1].")
         if c.distill.w_min > c.distill.w_max:
             problems.append(f"--w_min ({c.distill.w_min}) must not exceed --w_max ({c.distill.w_max}).")
         if c.distill.loss_type not in LOSS_TYPES:
             problems.append(f"--loss_type must be one of {LOSS_TYPES}, got {c.distill.loss_type!r}.")
-        if not 0.0 <= c.distill.ema_decay < 1.0:
-            problems.append(f"--ema_decay must be in [0, 1) (0 = the student itself as target), got {c.distill.ema_decay}.")
         if c.run.mixed_precision not in MIXED_PRECISION:
             problems.append(f"--mixed_precision must be one of {MIXED_PRECISION}, got {c.run.mixed_precision!r}.")
         bad_formats = [f for f in c.run.export_formats if f not in EXPORT_FORMATS]
@@ -222,11 +230,29 @@ class TrainConfig:
             problems.append(f"--export_dtype must be one of {EXPORT_DTYPES}, got {c.run.export_dtype!r}.")
         if c.optim.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {c.optim.lr_scheduler!r}.")
-        for flag in ("lora_rank", "num_ddim_timesteps", "train_batch_size", "max_train_steps",
-                     "gradient_accumulation_steps", "resolution", "max_consecutive_nonfinite_steps"):
-            if _get(c, flag) <= 0:
-                problems.append(f"--{flag} must be positive, got {_get(c, flag)}.")
+        if c.run.overwrite and c.run.resume_from_checkpoint is not None:
+            problems.append("--overwrite starts a new run and --resume_from_checkpoint continues one: give one of them.")
+        for flag, (section, f) in _field_owners().items():
+            problems += _range_problems(flag, getattr(getattr(c, section), flag), f.metadata.get("range"))
         return problems
+
+
+def _range_problems(flag: str, value: Any, bounds: tuple | None) -> list[str]:
+    """'--flag must be ...' for the first number of `value` (one, or a tuple) outside `bounds`; NaN never is inside."""
+    if bounds is None or bounds[:2] == (None, None) or value is None:
+        return []
+    low, high, low_open, high_open = bounds
+    for v in value if isinstance(value, tuple) else (value,):
+        if not ((low is None or (v > low if low_open else v >= low))
+                and (high is None or (v < high if high_open else v <= high))):
+            return [f"--{flag} must be {_interval(*bounds)}, got {v}."]
+    return []
+
+
+def _interval(low, high, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"{'above' if low_open else 'at least'} {low}"
+    return f"within {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
 def _field_owners() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -268,12 +294,21 @@ def _coerce(value: Any, f: dataclasses.Field, source: str) -> Any:
             return None
         if is_seq:
             items = [value] if isinstance(value, (str, int, float)) else list(value)
-            return tuple(kind(v) for v in items)
-        if kind is bool and not isinstance(value, bool):
-            raise TypeError("expected true or false")
-        return kind(value)
+            return tuple(_scalar(kind, v) for v in items)
+        return _scalar(kind, value)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: '{f.name}' = {value!r} is not a valid {kind.__name__} ({err}).") from None
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    """`value` as `kind`, refusing what would change it silently: 4.7 or true for an int, 'yes' for a bool."""
+    if kind is bool and not isinstance(value, bool):
+        raise TypeError("expected true or false")
+    if kind in (int, float) and isinstance(value, bool):
+        raise TypeError(f"expected a number, not {str(value).lower()}")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise TypeError("expected a whole number")
+    return kind(value)
 
 
 def build_parser(prog: str = "lcm-lora train") -> argparse.ArgumentParser:

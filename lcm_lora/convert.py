@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -16,32 +17,43 @@ import torch
 import yaml
 
 from . import export, formats
-from .checkpoint import checkpoint_step
-from .config import ModelArgs, RunArgs
-from .models import load_unet_config, teacher_prediction_type, unet_config
+from .checkpoint import RECORD, checkpoint_step, read_record
+from .config import EXPORT_FORMATS, PREDICTION_TYPES, ConfigError, ModelArgs, RunArgs, TrainConfig
+from .models import config_source, load_unet_config, resolve_teacher, teacher_prediction_type, unet_config
+from .safetensors_io import check_outputs
 from .single_file import config_folder, unet_ldm_key, unet_ldm_names
 
 # Hashes of the weights describe the file before the merge: dropped rather than left wrong.
 STALE_AFTER_MERGE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+KNOWN_FLAGS = frozenset(TrainConfig().to_flat_dict())
+# A run's numbers that export uses (resolution, the checkpoint's alpha / r) or copies into the files' metadata for
+# generation to read (the sampling grid): key -> whether it is a whole number. Each must be above 0.
+RUN_NUMBERS = {"resolution": True, "lora_rank": True, "lora_alpha": False, "num_ddim_timesteps": True,
+               "timestep_scaling_factor": False}
 
 
 @dataclass
 class Source:
     """What `export` reads: the run's config (empty for a LoRA from elsewhere), the file's metadata, the steps
-    trained, and how to read the modules once the teacher's UNet config says which keys are valid."""
+    trained, how to read the modules once the teacher's UNet config says which keys are valid, and the files and
+    folders it consists of (which no output may replace)."""
 
     config_flat: dict
     metadata: dict[str, str]
     steps: int | None
     read_modules: Callable[[dict], dict[str, formats.LoraModule]]
+    inputs: list[Path] = field(default_factory=list)
+    config_changes: tuple[str, ...] = ()
 
 
 def export_lora_files(source: str | Path, out_dir: str | Path, export_formats: list[str] | None = None,
                       dtype: torch.dtype | None = None, teacher: str | None = None,
-                      single_file_config: str | None = None, output_name: str | None = None) -> list[Path]:
+                      single_file_config: str | None = None, output_name: str | None = None,
+                      overwrite: bool = False) -> list[Path]:
     """Re-export `source` in each format. The teacher (for its UNet's module names and base model family)
     comes from the run's config or the file's metadata; `teacher` overrides it. Formats and dtype default to the
-    run's --export_formats / --export_dtype, else diffusers + kohya in fp16."""
+    run's --export_formats / --export_dtype, else diffusers + kohya in fp16. No file of the source or the teacher is
+    ever replaced, and an existing file only with `overwrite`; both are checked before anything is written."""
     src = read_source(Path(source), teacher)
     flat, meta = src.config_flat, src.metadata
     teacher = teacher or flat.get("pretrained_teacher_model") or meta.get("lcm_lora.teacher")
@@ -50,56 +62,127 @@ def export_lora_files(source: str | Path, out_dir: str | Path, export_formats: l
     config = unet_config(model)
     prediction = flat.get("prediction_type") or meta.get("lcm_lora.prediction_type") or teacher_prediction_type(model)
     info = export.ExportInfo(config_flat=flat, teacher=teacher, prediction_type=prediction, steps=src.steps,
-                             unet_config=config, output_name=output_name or flat.get("output_name")
-                             or export.default_output_name(teacher))
+                             unet_config=config, output_name=_plain_file_name(
+                                 output_name or flat.get("output_name") or export.default_output_name(teacher)),
+                             config_changes=src.config_changes)
     export_formats = export_formats or flat.get("export_formats") or list(RunArgs.export_formats)
     dtype = dtype or export.DTYPES[flat.get("export_dtype", RunArgs.export_dtype)]
+    outputs = export.output_paths(out_dir, export_formats, info.output_name).values()
+    check_outputs(outputs, [*src.inputs, resolve_teacher(teacher), config_source(model)], overwrite)
     return export.write_formats(src.read_modules(config), out_dir, export_formats, dtype, info)
+
+
+def _plain_file_name(name: str, what: str = "--output_name") -> str:
+    """The kohya file's name: a folder in it (from a flag or a file's metadata) would write outside --output_dir."""
+    if Path(name).name != name or name in (".", "..") or "\\" in name:
+        raise ValueError(f"{what} {name!r}: must be a plain file name, without folders.")
+    return name
 
 
 def read_source(source: Path, teacher: str | None) -> Source:
     """A checkpoint-N folder (exact fp32 weights), a training output folder (its kohya file, which keeps the
-    trained alpha, else its diffusers file) or any LoRA file."""
+    trained alpha, else its diffusers file) or any LoRA file; every value read from a file is checked."""
     if (source / export.LORA_CHECKPOINT_NAME).is_file():
-        config_path = source.parent / "config.yaml"
-        if not config_path.is_file():
+        record, config_path = read_record(source), source.parent / "config.yaml"
+        if record.get("config") is not None:  # the config this checkpoint was trained with
+            flat = _run_config(record["config"], str(source / RECORD), required=("lora_rank", "lora_alpha"))
+        elif config_path.is_file():  # a checkpoint saved without a record: the run's config.yaml
+            flat = _read_run_config(config_path, required=("lora_rank", "lora_alpha"))
+        else:
             raise FileNotFoundError(f"{config_path} is missing: a checkpoint-N folder is read with its run's config.yaml.")
-        flat = yaml.safe_load(config_path.read_text())
-        return Source(flat, {}, checkpoint_step(source),
-                      lambda config: export.read_checkpoint_lora(source, config, flat))
+        changes = tuple(record.get("config_changes", ()))
+        return Source(flat, {}, checkpoint_step(source), lambda config: export.read_checkpoint_lora(source, config, flat),
+                      [source, config_path], changes)
     lora = _run_kohya_file(source) or export.lora_file(source)
     if not lora.is_file():
         raise FileNotFoundError(f"{source}: give a checkpoint-N folder, a training output folder or a LoRA .safetensors.")
     meta = export.read_metadata(lora)
-    flat = json.loads(meta.get("lcm_lora.config", "{}"))
+    where = f"{lora}: lcm_lora.config"
+    flat = _run_config(_json(meta.get("lcm_lora.config", "{}"), where), where)
+    with export.naming(lora):
+        if meta.get("lcm_lora.prediction_type") is not None:
+            _choice(meta["lcm_lora.prediction_type"], "lcm_lora.prediction_type", PREDICTION_TYPES)
+        steps = formats.number(meta["lcm_lora.steps_trained"], "lcm_lora.steps_trained", integer=True,
+                               allow_zero=True) if "lcm_lora.steps_trained" in meta else None
     if not (teacher or flat.get("pretrained_teacher_model") or meta.get("lcm_lora.teacher")):
         raise ValueError(f"{lora} does not say which model it was trained on: pass --pretrained_teacher_model.")
-    steps = int(meta["lcm_lora.steps_trained"]) if "lcm_lora.steps_trained" in meta else None
-    return Source(flat, meta, steps, lambda config: export.read_lora(lora, config)[0])
+    changes = _json(meta.get("lcm_lora.config_changes", "[]"), f"{lora}: lcm_lora.config_changes")
+    if not isinstance(changes, list) or not all(isinstance(c, str) for c in changes):
+        raise ConfigError(f"{lora}: lcm_lora.config_changes must be a JSON list of strings.")
+    return Source(flat, meta, steps, lambda config: export.read_lora(lora, config)[0], [source, lora], tuple(changes))
 
 
 def _run_kohya_file(folder: Path) -> Path | None:
     config_path = folder / "config.yaml"
     if not folder.is_dir() or not config_path.is_file():
         return None
-    flat = yaml.safe_load(config_path.read_text())
+    flat = _read_run_config(config_path)
     name = flat.get("output_name") or export.default_output_name(flat.get("pretrained_teacher_model", ""))
     path = folder / f"{name}.safetensors"
     return path if path.is_file() else None
 
 
+def _read_run_config(path: Path, required: tuple[str, ...] = ()) -> dict:
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable YAML config ({' '.join(str(err).split())}).") from None
+    return _run_config(values, str(path), required)
+
+
+def _json(text: str, source: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{source}: not valid JSON ({err}).") from None
+
+
+def _run_config(values: object, source: str, required: tuple[str, ...] = ()) -> dict:
+    """A run's flat config (its config.yaml, or a LoRA's lcm_lora.config), typed by the trainer's own rules, with
+    the values export uses checked too; only the keys given are returned (a default must not pose as the run's)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of flag: value pairs, got {type(values).__name__}.")
+    missing = [key for key in required if values.get(key) is None]
+    if missing:
+        raise ConfigError(f"{source}: {', '.join(missing)} missing; the LoRA's scale is alpha / rank.")
+    values = {k: v for k, v in values.items() if k in KNOWN_FLAGS}  # a newer version's flags: not ours to check
+    typed = TrainConfig.from_flat_dict(values, source).to_flat_dict()
+    flat = {key: typed[key] for key in values}
+    with export.naming(source):
+        for key, integer in RUN_NUMBERS.items():
+            if flat.get(key) is not None:
+                formats.number(flat[key], key, integer)
+        for key, choices in (("export_dtype", tuple(export.DTYPES)), ("prediction_type", PREDICTION_TYPES)):
+            if flat.get(key) is not None:
+                _choice(flat[key], key, choices)
+        for export_format in flat.get("export_formats") or ():
+            _choice(export_format, "export_formats", EXPORT_FORMATS)
+    if flat.get("output_name"):
+        _plain_file_name(flat["output_name"], f"{source}: output_name")
+    return flat
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise formats.LoraFormatError(f"{key} = {value!r}: expected one of {', '.join(choices)}.")
+
+
 def merge_lora(checkpoint: str | Path, lora: str | Path, output: str | Path, config_dir: str,
-               strength: float = 1.0) -> tuple[Path, int]:
-    """Bake a LoRA into a single-file checkpoint; returns the written file and the number of tensors changed."""
+               strength: float = 1.0, overwrite: bool = False) -> tuple[Path, int]:
+    """Bake a LoRA into a single-file checkpoint; returns the written file and the number of tensors changed.
+    `output` may be none of the inputs (checkpoint, LoRA, config folder), and an existing file only with
+    `overwrite`; both are checked before the checkpoint is read."""
     checkpoint, output = Path(checkpoint), Path(output)
     if checkpoint.suffix != ".safetensors":
         raise ValueError(f"--checkpoint {checkpoint}: only .safetensors single-file checkpoints are merged "
                          "(pickle files can run code when loaded).")
-    if output.resolve() == checkpoint.resolve():
-        raise ValueError("--output must differ from --checkpoint: the original is never overwritten.")
-    tensors, meta = export.read_safetensors(checkpoint)
-    config = load_unet_config(str(config_folder(config_dir, checkpoint)), flag="--single_file_config")
+    if not math.isfinite(strength):
+        raise ValueError(f"--strength {strength}: must be a finite number.")
+    folder = config_folder(config_dir, checkpoint)
+    check_outputs([output], [checkpoint, export.lora_file(lora), folder], overwrite)
+    config = load_unet_config(str(folder), flag="--single_file_config")
     modules, lora_meta = export.read_lora(lora, config)
+    tensors, meta = export.read_safetensors(checkpoint)
     names = unet_ldm_names(config)
     for path, module in modules.items():
         key = unet_ldm_key(f"{path}.weight", names)
@@ -118,4 +201,8 @@ def _merged(weight: torch.Tensor, delta: torch.Tensor, key: str) -> torch.Tensor
     """W + ΔW in fp32, back in W's dtype; a 1x1 conv and a linear layer hold the same numbers in other shapes."""
     if delta.numel() != weight.numel():
         raise ValueError(f"{key}: the LoRA's update has shape {tuple(delta.shape)}, the weight {tuple(weight.shape)}.")
-    return (weight.float() + delta.reshape(weight.shape)).to(weight.dtype)
+    merged = (weight.float() + delta.reshape(weight.shape)).to(weight.dtype)
+    if not torch.isfinite(merged).all():  # a finite LoRA on a finite weight can still overflow fp16 (max 65504)
+        raise ValueError(f"{key}: the merged weight is not finite in {weight.dtype}; lower --strength or merge into "
+                         "an fp32 checkpoint.")
+    return merged

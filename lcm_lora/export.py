@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,11 @@ def peft_state_dict(unet) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
 
 
-def metadata(config_flat: dict, teacher: str, prediction_type: str, global_step: int | None) -> dict[str, str]:
-    """What a user needs to sample correctly, as safetensors string metadata (every format carries it).
-    A LoRA from elsewhere has no run config: then only what is known is written."""
+def metadata(config_flat: dict, teacher: str, prediction_type: str, global_step: int | None,
+             config_changes: tuple[str, ...] = ()) -> dict[str, str]:
+    """What a user needs to sample correctly, as safetensors string metadata (every format carries it), and the
+    configuration changes a resumed run was allowed (`--allow_config_change`). A LoRA from elsewhere has no run
+    config: then only what is known is written."""
     c = config_flat
     values = {
         "format": "pt",
@@ -67,8 +70,14 @@ def metadata(config_flat: dict, teacher: str, prediction_type: str, global_step:
         "lcm_lora.timestep_scaling_factor": c.get("timestep_scaling_factor"),
         "lcm_lora.steps_trained": global_step,
         "lcm_lora.config": json.dumps(c, sort_keys=True) if c else None,
+        "lcm_lora.config_changes": json.dumps(list(config_changes)) if config_changes else None,
     }
     return {k: str(v) for k, v in values.items() if v is not None}
+
+
+# metadata key -> the LCMScheduler argument it sets, and whether it is a whole number
+SCHEDULER_METADATA = {"lcm_lora.num_ddim_timesteps": ("original_inference_steps", True),
+                      "lcm_lora.timestep_scaling_factor": ("timestep_scaling", False)}
 
 
 def lcm_scheduler_settings(lora: str | Path) -> dict:
@@ -76,18 +85,25 @@ def lcm_scheduler_settings(lora: str | Path) -> dict:
 
     Sampling with another `original_inference_steps` than the run's num_ddim_timesteps puts the
     few steps on timesteps the student never saw as consistency endpoints. {} when the file has
-    no lcm-lora metadata (a LoRA from elsewhere): then LCMScheduler's defaults apply.
+    no lcm-lora metadata (a LoRA from elsewhere): then LCMScheduler's defaults apply. A value that is
+    not a positive number is refused, naming the file and key (0 steps divides by zero in LCMScheduler).
     """
     path = lora_file(lora)
     if not path.is_file():
         return {}
     meta = read_metadata(path)
-    settings = {}
-    if "lcm_lora.num_ddim_timesteps" in meta:
-        settings["original_inference_steps"] = int(meta["lcm_lora.num_ddim_timesteps"])
-    if "lcm_lora.timestep_scaling_factor" in meta:
-        settings["timestep_scaling"] = float(meta["lcm_lora.timestep_scaling_factor"])
-    return settings
+    with naming(path):
+        return {argument: formats.number(meta[key], key, integer)
+                for key, (argument, integer) in SCHEDULER_METADATA.items() if key in meta}
+
+
+@contextmanager
+def naming(path: str | Path):
+    """Prefix a LoraFormatError raised inside with the file (or file and key) it is about."""
+    try:
+        yield
+    except formats.LoraFormatError as err:
+        raise formats.LoraFormatError(f"{path}: {err}") from None
 
 
 # -- file edges ---------------------------------------------------------------------------------------
@@ -114,6 +130,7 @@ class ExportInfo:
     steps: int | None
     unet_config: dict
     output_name: str
+    config_changes: tuple[str, ...] = ()
 
     @property
     def resolution(self) -> int:
@@ -129,25 +146,49 @@ def default_output_name(teacher: str) -> str:
     return "lcm-lora-" + re.sub(r"[^A-Za-z0-9._-]+", "-", stem)
 
 
-def write_formats(modules: dict[str, LoraModule], out_dir: str | Path, export_formats: tuple[str, ...] | list[str],
-                  dtype: torch.dtype, info: ExportInfo) -> list[Path]:
-    """Write `modules` in each requested format under `out_dir`; returns the files written."""
+def output_paths(out_dir: str | Path, export_formats: tuple[str, ...] | list[str], output_name: str) -> dict[str, Path]:
+    """format -> the file it writes under `out_dir`, in writing order; refuses an output name that makes two formats
+    write one file (the second would silently replace the first)."""
     unknown = [f for f in export_formats if f not in EXPORT_FORMATS]
     if unknown:
         raise ValueError(f"--export_formats {' '.join(unknown)}: unknown; choose from {', '.join(EXPORT_FORMATS)}.")
-    out_dir, written = Path(out_dir), []
-    base_meta = metadata(info.config_flat, info.teacher, info.prediction_type, info.steps)
-    if "diffusers" in export_formats:
-        tensors = formats.to_diffusers_keys(modules, dtype)
+    out_dir = Path(out_dir)
+    every = {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME, "kohya": out_dir / f"{output_name}.safetensors",
+             "hub": out_dir / "hub" / DIFFUSERS_WEIGHT_NAME}
+    paths = {f: every[f] for f in EXPORT_FORMATS if f in export_formats}
+    if len(set(paths.values())) < len(paths):
+        raise ValueError(f"--output_name {output_name!r}: the kohya file would be the diffusers file "
+                         f"{DIFFUSERS_WEIGHT_NAME}; choose another name.")
+    return paths
+
+
+def write_formats(modules: dict[str, LoraModule], out_dir: str | Path, export_formats: tuple[str, ...] | list[str],
+                  dtype: torch.dtype, info: ExportInfo) -> list[Path]:
+    """Write `modules` in each requested format under `out_dir`; returns the files written. Nothing is written when
+    a file would hold NaN or inf (LoraFormatError naming it and the first such key)."""
+    paths = output_paths(out_dir, export_formats, info.output_name)
+    base_meta = metadata(info.config_flat, info.teacher, info.prediction_type, info.steps, info.config_changes)
+    files = {}
+    if "diffusers" in paths:
         meta = {**base_meta, **formats.diffusers_adapter_metadata(modules), "lcm_lora.alpha_baked_into_lora_B": "true"}
-        written.append(save_safetensors_atomic(tensors, out_dir / DIFFUSERS_WEIGHT_NAME, meta))
-    if "kohya" in export_formats or "hub" in export_formats:
-        tensors, meta = kohya_file(modules, dtype, info, base_meta)
-        if "kohya" in export_formats:
-            written.append(save_safetensors_atomic(tensors, out_dir / f"{info.output_name}.safetensors", meta))
-        if "hub" in export_formats:
-            written.append(save_safetensors_atomic(tensors, out_dir / "hub" / DIFFUSERS_WEIGHT_NAME, meta))
-    return written
+        files[paths["diffusers"]] = formats.to_diffusers_keys(modules, dtype), meta
+    if "kohya" in paths or "hub" in paths:
+        kohya = kohya_file(modules, dtype, info, base_meta)
+        files.update({paths[f]: kohya for f in ("kohya", "hub") if f in paths})
+    for path, (tensors, _) in files.items():
+        _check_finite_output(path, tensors, modules, dtype)
+    return [save_safetensors_atomic(tensors, path, meta) for path, (tensors, meta) in files.items()]
+
+
+def _check_finite_output(path: Path, tensors: dict[str, torch.Tensor], modules: dict[str, LoraModule],
+                         dtype: torch.dtype) -> None:
+    """A finite LoRA can still overflow a narrower dtype (fp16 holds at most 65504): then the message says so."""
+    try:
+        formats.check_finite(tensors)
+    except formats.LoraFormatError as err:
+        overflow = all(torch.isfinite(m.down).all() and torch.isfinite(m.up).all() for m in modules.values())
+        hint = f" (the LoRA is finite: its values overflow {dtype}; export in fp32)" if overflow else ""
+        raise formats.LoraFormatError(f"{path}: not written: {str(err).rstrip('.')}{hint}.") from None
 
 
 def kohya_file(modules: dict[str, LoraModule], dtype: torch.dtype, info: ExportInfo,
@@ -182,32 +223,62 @@ def lora_file(path: str | Path) -> Path:
     candidates = sorted(p for p in path.glob("*.safetensors")
                         if not any(word in p.name for word in ("checkpoint", "optimizer", "scheduler")))
     preferred = [p for p in candidates if p.name == DIFFUSERS_WEIGHT_NAME]
+    # diffusers 0.42 warns and loads whichever file os.listdir gives first: a silent pick, refused here
+    if not preferred and len(candidates) > 1:
+        raise ValueError(f"{path} holds {len(candidates)} LoRA files ({', '.join(p.name for p in candidates)}) and no "
+                         f"{DIFFUSERS_WEIGHT_NAME}: give the file.")
     return (preferred or candidates or [path / DIFFUSERS_WEIGHT_NAME])[0]
 
 
 def read_lora(path: str | Path, unet_config: dict) -> tuple[dict[str, LoraModule], dict[str, str]]:
     """A LoRA file (diffusers or kohya, diffusers or sgm names) or a folder holding pytorch_lora_weights.safetensors,
-    strictly: every key is placed on a module of this UNet or the read fails, naming the keys."""
-    path = lora_file(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such LoRA file.")
-    tensors, meta = read_safetensors(path)
+    strictly: every key is placed on a module of this UNet, every value is finite, or the read fails, naming the file
+    and the keys."""
+    path, tensors, meta = _read_lora_file(path)
     from .models import unet_module_paths
     from .single_file import unet_ldm_names
 
-    try:
+    with naming(path):
         modules = formats.parse_lora(tensors, unet_module_paths(unet_config), meta, unet_ldm_names(unet_config))
-    except formats.LoraFormatError as err:
-        raise formats.LoraFormatError(f"{path}: {err}") from None
     return modules, meta
+
+
+def check_lora_for_diffusers(path: str | Path, unet_config: dict) -> Path:
+    """The LoRA file `pipe.load_lora_weights(path)` will read, checked first as strictly as `read_lora`: diffusers
+    skips UNet keys that match no module with only a warning (measured, diffusers 0.42: a LoRA none of whose keys
+    fit loads "successfully" and images come out without it). Two things that loader does itself are left to it:
+    text-encoder keys (it places them in the text encoder; a file must still hold UNet keys) and per-module scales
+    (rank/alpha patterns, rsLoRA), whose metadata is still checked."""
+    path, tensors, meta = _read_lora_file(path)
+    from .models import unet_module_paths
+    from .single_file import unet_ldm_names
+
+    unet, text_encoder = formats.split_text_encoder(tensors)
+    with naming(path):
+        formats.adapter_config(meta)
+        if text_encoder and not unet:
+            raise formats.LoraFormatError(f"only text-encoder keys ({len(text_encoder)}, e.g. {text_encoder[0]}): "
+                                          "nothing for the UNet, which an LCM-LoRA adapts.")
+        formats.parse_lora(unet, unet_module_paths(unet_config), None, unet_ldm_names(unet_config))
+        formats.check_finite({k: tensors[k] for k in text_encoder})
+    return path
+
+
+def _read_lora_file(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    path = lora_file(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such LoRA file.")
+    return path, *read_safetensors(path)
 
 
 def read_checkpoint_lora(checkpoint: Path, unet_config: dict, config_flat: dict) -> dict[str, LoraModule]:
     """A training checkpoint's PEFT LoRA (unscaled, no prefix), with the run's alpha / r."""
     from .models import unet_module_paths
 
-    tensors, _ = read_safetensors(checkpoint / LORA_CHECKPOINT_NAME)
+    path = checkpoint / LORA_CHECKPOINT_NAME
+    tensors, _ = read_safetensors(path)
     tensors = {formats.DIFFUSERS_PREFIX + k: v for k, v in tensors.items()}
     scale_meta = {formats.DIFFUSERS_ADAPTER_METADATA: json.dumps(
         {"r": config_flat["lora_rank"], "lora_alpha": config_flat["lora_alpha"]})}
-    return formats.parse_lora(tensors, unet_module_paths(unet_config), scale_meta)
+    with naming(path):
+        return formats.parse_lora(tensors, unet_module_paths(unet_config), scale_meta)

@@ -25,7 +25,8 @@ DIFFUSERS_ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' own key (LORA
 
 
 class LoraFormatError(ValueError):
-    """A LoRA file whose keys cannot all be placed: the message names them."""
+    """A LoRA file that cannot be used as it is (keys it cannot place, NaN or inf, a bad metadata value): the message
+    names the keys."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,22 @@ def parse_lora(state_dict: dict[str, torch.Tensor], module_shapes: dict[str, tup
         modules = _parse_peft(state_dict, set(module_shapes), metadata or {})
     for path, module in modules.items():
         _check_shapes(path, module, module_shapes[path])
+    check_finite(state_dict)
     return modules
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """One NaN or inf in a LoRA turns every image it touches into noise or black once loaded or merged, and the
+    tools load it without a word: refused, naming the first such key."""
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise LoraFormatError(f"non-finite values (NaN or inf) in {key}.")
+
+
+def split_text_encoder(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the UNet part, the text-encoder keys): for a loader that places text-encoder keys itself (diffusers)."""
+    text = [k for k in state_dict if k.startswith(TEXT_ENCODER_PREFIXES)]
+    return {k: v for k, v in state_dict.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}, text
 
 
 def _refuse_foreign(keys: list[str]) -> None:
@@ -206,18 +222,69 @@ def _check_shapes(path: str, m: LoraModule, weight_shape: tuple[int, ...]) -> No
 def _peft_scale(metadata: dict[str, str]) -> float:
     """The file's alpha / r from diffusers' adapter metadata; 1 without it (our files bake the scale in).
     Per-module patterns are accepted when they keep one scale (ours do: alpha = r everywhere)."""
-    raw = metadata.get(DIFFUSERS_ADAPTER_METADATA)
-    if not raw:
+    config = adapter_config(metadata)
+    if config is None:
         return 1.0
-    config = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in json.loads(raw).items()}
-    r = float(config.get("r", 1))
-    alpha = float(config.get("lora_alpha", r))
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    scales = {alpha / r} | {float(alphas.get(k, alpha)) / float(ranks.get(k, r)) for k in {*ranks, *alphas}}
+    r, alpha = config["r"], config["lora_alpha"]
+    ranks, alphas = config["rank_pattern"], config["alpha_pattern"]
+    scales = {alpha / r} | {alphas.get(k, alpha) / ranks.get(k, r) for k in {*ranks, *alphas}}
     if len(scales) > 1 or config.get("use_rslora"):
         raise LoraFormatError(f"{DIFFUSERS_ADAPTER_METADATA} gives modules different scales (patterns or rsLoRA), "
                               "which this reader does not apply; load the file with diffusers' load_lora_weights.")
     return scales.pop()
+
+
+ADAPTER_COMPONENTS = ("text_encoder.", "text_encoder_2.")  # besides the UNet's "unet." (and unprefixed) keys
+
+
+def adapter_config(metadata: dict[str, str]) -> dict | None:
+    """The UNet's LoraConfig from diffusers' `lora_adapter_metadata` (JSON, keys prefixed "unet." as diffusers writes
+    them, or unprefixed), None when absent. Every component's r, lora_alpha and patterns are checked first: diffusers
+    builds its LoraConfigs from them and this reader its scale, so a list, a zero rank or a word would otherwise stop
+    either with an AttributeError or a ZeroDivisionError."""
+    key = DIFFUSERS_ADAPTER_METADATA
+    raw = metadata.get(key)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise LoraFormatError(f"{key}: not valid JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise LoraFormatError(f"{key}: expected a JSON object (a LoraConfig), got {type(config).__name__}.")
+    for prefix in ADAPTER_COMPONENTS:
+        component = {k.removeprefix(prefix): v for k, v in config.items() if k.startswith(prefix)}
+        if component:
+            _checked_lora_config(component, f"{key} {prefix}")
+    unet = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in config.items() if not k.startswith(ADAPTER_COMPONENTS)}
+    return _checked_lora_config(unet, f"{key} ")
+
+
+def _checked_lora_config(config: dict, name: str) -> dict:
+    """A LoraConfig's r, lora_alpha, rank_pattern and alpha_pattern as positive numbers (absent: r 1, alpha r)."""
+    checked = dict(config)
+    checked["r"] = number(config.get("r", 1), f"{name}r", integer=True)
+    checked["lora_alpha"] = number(config.get("lora_alpha", checked["r"]), f"{name}lora_alpha")
+    for pattern, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        values = config.get(pattern) or {}
+        if not isinstance(values, dict):
+            raise LoraFormatError(f"{name}{pattern} = {values!r}: expected a JSON object of module: value.")
+        checked[pattern] = {m: number(v, f"{name}{pattern}[{m!r}]", integer) for m, v in values.items()}
+    return checked
+
+
+def number(value: object, name: str, integer: bool = False, allow_zero: bool = False) -> float | int:
+    """`value` (a metadata string, a JSON or YAML number) as a finite number above 0 (or at least 0), else a
+    LoraFormatError naming `name`. These values divide (alpha / r, T / N) or scale every weight: zero, NaN or a word
+    would otherwise surface as a ZeroDivisionError deep in a loader, or as images that are quietly wrong."""
+    try:
+        x = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError, OverflowError):
+        x = math.nan
+    if not (math.isfinite(x) and (x >= 0 if allow_zero else x > 0) and (x.is_integer() or not integer)):
+        raise LoraFormatError(f"{name} = {value!r}: expected a {'whole ' if integer else ''}number "
+                              f"{'at least 0' if allow_zero else 'above 0'}.")
+    return int(x) if integer else x
 
 
 def diffusers_adapter_metadata(modules: dict[str, LoraModule]) -> dict[str, str]:

@@ -9,8 +9,11 @@ import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
 
-from .export import lcm_scheduler_settings
-from .models import is_single_file, resolve_teacher
+from .config import ModelArgs
+from .export import check_lora_for_diffusers, lcm_scheduler_settings
+from .formats import LoraFormatError, number
+from .models import is_single_file, resolve_teacher, unet_config
+from .safetensors_io import check_outputs
 from .single_file import load_single_file_pipeline
 from .world import assets
 
@@ -23,17 +26,27 @@ def load_lcm_pipeline(pretrained_model: str, lora: str | Path | None, device: st
     `pretrained_model` is a hub id, a folder, a bundled teacher, or a single-file checkpoint (then
     `single_file_config` names the local folder with its configs). `original_inference_steps` and
     `timestep_scaling` must equal the training run's num_ddim_timesteps and timestep_scaling_factor:
-    None takes them from the LoRA's metadata, else LCMScheduler's defaults (50 and 10).
+    None takes them from the LoRA's metadata, else LCMScheduler's defaults (50 and 10). The LoRA is checked
+    against the model's UNet config before any weight loads (export.check_lora_for_diffusers): a LoRA that does
+    not fit is refused, never silently left out.
     """
-    pipe = load_base_pipeline(pretrained_model, single_file_config)
     lora = assets.resolve(lora) if lora is not None else None  # a path, or the bundled style-dusk example
     settings = lcm_scheduler_settings(lora) if lora is not None else {}
-    for name, value in (("original_inference_steps", original_inference_steps), ("timestep_scaling", timestep_scaling)):
+    for name, value, integer in (("original_inference_steps", original_inference_steps, True),
+                                 ("timestep_scaling", timestep_scaling, False)):
         if value is not None:
-            settings[name] = value
+            settings[name] = number(value, name, integer)
+    if lora is not None:
+        model = ModelArgs(pretrained_teacher_model=pretrained_model, single_file_config=single_file_config)
+        lora_path = check_lora_for_diffusers(lora, unet_config(model))
+    pipe = load_base_pipeline(pretrained_model, single_file_config)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **settings)
     if lora is not None:
-        pipe.load_lora_weights(str(lora))
+        try:
+            pipe.load_lora_weights(str(lora_path))
+        except Exception as err:  # diffusers raises IndexError, KeyError, ValueError... on what it cannot convert
+            raise LoraFormatError(f"{lora_path}: diffusers' load_lora_weights failed ({type(err).__name__}: "
+                                  f"{' '.join(str(err).split())}).") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
 
@@ -64,12 +77,18 @@ def generate(pipe, prompts: list[str], num_inference_steps: int, guidance_scale:
     return [Image.fromarray((im * 255).round().clip(0, 255).astype(np.uint8)) for im in out.images]
 
 
-def save_images(images: list[Image.Image], output_dir: str | Path, prefix: str = "") -> Path:
-    """PNG per image plus grid.png; returns the grid's path."""
+def image_paths(output_dir: str | Path, count: int, prefix: str = "") -> list[Path]:
+    """The files `save_images` writes for `count` images: one PNG each, then grid.png."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(output_dir / f"{prefix}{i:03d}.png")
-    grid_path = output_dir / f"{prefix}grid.png"
+    return [output_dir / f"{prefix}{i:03d}.png" for i in range(count)] + [output_dir / f"{prefix}grid.png"]
+
+
+def save_images(images: list[Image.Image], output_dir: str | Path, prefix: str = "", overwrite: bool = False) -> Path:
+    """PNG per image plus grid.png; returns the grid's path. An existing image is replaced only with `overwrite`."""
+    *paths, grid_path = image_paths(output_dir, len(images), prefix)
+    check_outputs([*paths, grid_path], [], overwrite)
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(paths, images):
+        image.save(path)
     make_grid(images, columns=min(len(images), 8)).save(grid_path)
     return grid_path

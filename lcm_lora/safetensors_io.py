@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -44,3 +45,36 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, 
     finally:
         tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
     return path
+
+
+def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path | None], overwrite: bool) -> None:
+    """Refuse, before anything is written, an output that is one of the command's inputs (always) or that already
+    exists (unless `overwrite`). `inputs` are files or folders (a folder stands for every file under it); a file
+    counts as the same when it is the same file on disk, so symlinks and hard links are caught too."""
+    existing = [Path(out) for out in outputs if Path(out).exists()]
+    if not existing:
+        return
+    input_files = {_identity(f): f for f in _files(inputs)}
+    for out in existing:
+        same = input_files.get(_identity(out))
+        if same is not None:
+            alias = "" if same.resolve() == out.resolve() else f" (as {same})"
+            raise FileExistsError(f"{out} is an input of this command{alias}: inputs are never overwritten; "
+                                  "write the output elsewhere.")
+        if not overwrite:
+            raise FileExistsError(f"{out} exists: pass --overwrite to replace it.")
+
+
+def _files(paths: Iterable[str | Path | None]) -> list[Path]:
+    files = []
+    for path in (Path(p) for p in paths if p):  # None or "": no input
+        if path.is_dir():
+            files += [f for f in path.rglob("*") if f.is_file()]
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino

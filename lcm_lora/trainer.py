@@ -7,6 +7,7 @@ weights in fp32, and every network call inside `accelerator.autocast()`, which i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -22,8 +23,8 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from . import export
-from .checkpoint import (DataPosition, TrainingStopped, checkpoint_step, checkpoints, find_checkpoint,
-                         output_dir_problems, register_lora_checkpointing, save_checkpoint)
+from .checkpoint import (DataPosition, TrainingStopped, checkpoint_step, checkpoints, register_lora_checkpointing,
+                         save_checkpoint)
 from .config import ConfigError, OptimArgs, TrainConfig, to_yaml
 from .data import BadSampleLog, DataError, load_source, make_dataloader
 from .data.cache import make_cached_dataloader, read_manifest, sample_latents
@@ -32,6 +33,7 @@ from .data.shards import make_shard_dataloader
 from .distill import lcd_loss
 from .models import (TargetEMA, Teacher, adapter_disabled, attach_lora, load_teacher, teacher_fingerprint,
                      teacher_problems)
+from .run_dir import OutputLock, RunPlan, plan_run, remove_earlier_run
 from .schedule import ddim_timesteps
 
 logger = logging.getLogger(__name__)
@@ -85,13 +87,14 @@ def make_optimizer(params: list[torch.nn.Parameter], o: OptimArgs) -> torch.opti
 
 
 def export_lora(accelerator: Accelerator, unet, config: TrainConfig, teacher: Teacher, step: int, out_dir: Path,
-                export_formats: tuple[str, ...] = ("diffusers",)) -> list[Path]:
+                export_formats: tuple[str, ...] = ("diffusers",), config_changes: tuple[str, ...] = ()) -> list[Path]:
     """The LoRA as users get it, in each of `export_formats` (validation reads the diffusers file)."""
     unet = accelerator.unwrap_model(unet)
     teacher_name = config.model.pretrained_teacher_model
     info = export.ExportInfo(config_flat=config.to_flat_dict(), teacher=teacher_name,
                              prediction_type=teacher.prediction_type, steps=step, unet_config=dict(unet.config),
-                             output_name=config.run.output_name or export.default_output_name(teacher_name))
+                             output_name=config.run.output_name or export.default_output_name(teacher_name),
+                             config_changes=config_changes)
     return export.write_formats(export.lora_modules(unet), out_dir, export_formats,
                                 export.DTYPES[config.run.export_dtype], info)
 
@@ -211,8 +214,9 @@ def micro_batches(accelerator: Accelerator, dataloader, position: DataPosition, 
 
 
 class StopSignals:
-    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step. The handlers
-    are removed once one arrives, so a second signal acts at once (checkpoints are atomic: that is safe)."""
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step, checkpoint and exit.
+    The handlers stay until the loop ends, so repeats are absorbed: a signal sent to the whole process group
+    reaches every process, and torchrun forwards its own copy to its workers, so each may get it twice."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -225,8 +229,10 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.received:
+            logger.warning("%s received again: already stopping after this step", signal.Signals(signum).name)
+            return
         self.received = signum
-        self.__exit__()
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
@@ -272,14 +278,54 @@ class NonFiniteGuard:
 
 def train(config: TrainConfig) -> Path:
     """Distill an LCM-LoRA; returns the folder holding pytorch_lora_weights.safetensors."""
-    problems = config.validate()
-    if not problems:  # then what needs the teacher's config files and the output folder, before any weights
-        problems = teacher_problems(config.model, config.data.resolution, config.distill.num_ddim_timesteps,
-                                    encoders=not config.data.cache_dir) + output_dir_problems(config)
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    plan = check_before_loading(config)
     out = Path(config.run.output_dir)
     accelerator = make_accelerator(config)
+    if plan.finished:
+        accelerator.print(f"{out} holds the finished run ({plan.checkpoint.name}, --max_train_steps "
+                          f"{config.optim.max_train_steps}, LoRA exported): nothing to do. Raise --max_train_steps "
+                          "to train on.")
+        end_processes(accelerator)
+        return out
+    with claimed(accelerator, out):
+        if accelerator.is_main_process:
+            remove_earlier_run(plan.replace)  # only with --overwrite: check_before_loading refused it otherwise
+        return distill(config, plan, accelerator)
+
+
+def check_before_loading(config: TrainConfig) -> RunPlan:
+    """Every problem of the flags, the teacher's config files, the output folder and the resume target, found
+    before any weight loads; ConfigError lists them by flag."""
+    problems = config.validate()
+    if not problems:
+        problems = teacher_problems(config.model, config.data.resolution, config.distill.num_ddim_timesteps,
+                                    encoders=not config.data.cache_dir)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return plan_run(config)
+
+
+@contextlib.contextmanager
+def claimed(accelerator: Accelerator, out: Path):
+    """The main process holds the output folder's lock for the run; if it cannot, every process stops."""
+    lock, refused = OutputLock(out), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except ConfigError as err:
+            refused = str(err)
+    refused = gather_object([refused])[0]  # the main process's answer, on every process
+    if refused:
+        raise ConfigError(refused)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator) -> Path:
+    """The run itself: load, resume if planned, loop, and export; a stop signal checkpoints and raises."""
+    out = Path(config.run.output_dir)
     if config.run.seed is not None:
         set_seed(config.run.seed)
     teacher = load_teacher(config.model, encoders=not config.data.cache_dir)
@@ -311,13 +357,13 @@ def train(config: TrainConfig) -> Path:
     accelerator.register_for_checkpointing(position)
 
     global_step = 0
-    checkpoint = find_checkpoint(out, config.run.resume_from_checkpoint)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    if plan.checkpoint is not None:
+        accelerator.load_state(str(plan.checkpoint))
+        global_step = checkpoint_step(plan.checkpoint)
+        accelerator.print(f"resumed from {plan.checkpoint} at step {global_step}")
+    elif config.run.resume_from_checkpoint == "latest":
+        accelerator.print(f"no checkpoint in {out}: starting a new run")
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(config))
         if accelerator.trackers == [] and config.run.report_to != "none":
             accelerator.init_trackers("lcm-lora", config={k: str(v) for k, v in config.to_flat_dict().items()})
@@ -325,11 +371,18 @@ def train(config: TrainConfig) -> Path:
     progress = tqdm(total=o.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="distill")
     guard = NonFiniteGuard(accelerator, config.run.max_consecutive_nonfinite_steps)
-    need_bytes = 4 * sum(p.numel() * p.element_size() for p in params)  # LoRA, Adam's two moments, EMA
+    record = {"config": config.to_flat_dict(), "config_changes": plan.config_changes}
+
+    def checkpoint_now() -> Path:
+        return save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit,
+                               4 * sum(p.numel() * p.element_size() for p in params),  # LoRA, Adam's moments, EMA
+                               record)
+
+    batches = micro_batches(accelerator, dataloader, position, bad_samples) if global_step < o.max_train_steps else ()
     stop_signal, saved = 0, None
-    with StopSignals() as signals:  # removed however the loop ends
+    with StopSignals() as signals:  # until the run's last write, however it ends
         unet.train()
-        for batch in micro_batches(accelerator, dataloader, position, bad_samples):
+        for batch in batches:
             # Accumulate gradients.
             with accelerator.accumulate(unet), accelerator.autocast():
                 x0, c = encode_batch(teacher, batch, device, dtype, scaling_factor)
@@ -353,7 +406,7 @@ def train(config: TrainConfig) -> Path:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if config.run.checkpointing_steps and global_step % config.run.checkpointing_steps == 0:
-                saved = save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit, need_bytes)
+                saved = checkpoint_now()
             if (accelerator.is_main_process and config.run.validation_steps and config.run.validation_prompts
                     and global_step % config.run.validation_steps == 0):
                 log_validation(accelerator, unet, config, teacher, global_step)
@@ -362,19 +415,20 @@ def train(config: TrainConfig) -> Path:
             stop_signal = signals.requested(accelerator)
             if stop_signal:
                 break
-    progress.close()
-    if stop_signal:
-        if saved is None or checkpoint_step(saved) != global_step:  # the same on every process: saving is collective
-            saved = save_checkpoint(accelerator, out, global_step, config.run.checkpoints_total_limit, need_bytes)
-        end_processes(accelerator)
-        raise TrainingStopped(f"stopped by {signal.Signals(stop_signal).name} after step {global_step}; the state "
-                              f"is in {saved}. Resume with the same command plus --resume_from_checkpoint latest.",
-                              exit_code=128 + stop_signal)
-    accelerator.print(f"data: {BadSampleLog.combined(gather_object([bad_samples])).summary()}")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for path in export_lora(accelerator, unet, config, teacher, global_step, out, config.run.export_formats):
-            accelerator.print(f"saved {path}")
+        progress.close()
+        if stop_signal:
+            if saved is None or checkpoint_step(saved) != global_step:  # the same on every process: saving is collective
+                saved = checkpoint_now()
+            end_processes(accelerator)
+            raise TrainingStopped(f"stopped by {signal.Signals(stop_signal).name} after step {global_step}; the "
+                                  f"state is in {saved}. Resume with the same command plus --resume_from_checkpoint "
+                                  "latest.", exit_code=128 + stop_signal)
+        accelerator.print(f"data: {BadSampleLog.combined(gather_object([bad_samples])).summary()}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for path in export_lora(accelerator, unet, config, teacher, global_step, out, config.run.export_formats,
+                                    tuple(plan.config_changes)):
+                accelerator.print(f"saved {path}")
     end_processes(accelerator)
     return out
 

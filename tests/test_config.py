@@ -68,3 +68,35 @@ def test_every_preset_loads_and_dry_run_prints_it(preset):
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed == {**TrainConfig().to_flat_dict(), **yaml.safe_load(preset.read_text())}
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("checkpoints_total_limit", -1, "--checkpoints_total_limit must be at least 1, got -1."),
+    ("max_grad_norm", -1.0, "--max_grad_norm must be at least 0, got -1.0."),
+    ("learning_rate", float("nan"), "--learning_rate must be above 0, got nan."),
+    ("lora_dropout", 1.0, "--lora_dropout must be within [0, 1), got 1.0."),
+    ("seed", -1, "--seed must be within [0, 4294967295], got -1."),
+    ("validation_inference_steps", [4, 0], "--validation_inference_steps must be at least 1, got 0."),
+    ("dataloader_num_workers", -2, "--dataloader_num_workers must be at least 0, got -2."),
+])
+def test_every_numeric_flag_is_range_checked(flag, value, message):
+    assert message in TrainConfig.from_flat_dict({flag: value}).validate()
+
+
+def test_whole_number_flags_refuse_fractions_instead_of_rounding(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lora_rank: 4.7\n")
+    with pytest.raises(ConfigError, match=r"'lora_rank' = 4.7 is not a valid int \(expected a whole number\)"):
+        parse_train_args(["--config", str(preset)])
+    assert TrainConfig.from_flat_dict({"lora_rank": 8.0}).lora.lora_rank == 8
+    with pytest.raises(ConfigError, match="expected a number, not true"):
+        TrainConfig.from_flat_dict({"max_train_steps": True})
+
+
+def test_a_bad_range_on_the_command_line_is_one_line_before_anything_loads(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train_lcm_lora.py"), "--pretrained_teacher_model",
+                             "teacher-eps", "--train_data_dir", str(tmp_path), "--checkpoints_total_limit", "-1",
+                             "--max_grad_norm", "-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--checkpoints_total_limit must be at least 1, got -1." in result.stderr
+    assert "--max_grad_norm must be at least 0, got -1.0." in result.stderr

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from lcm_lora.checkpoint import checkpoint_step, checkpoints, damage
 from lcm_lora.data.images import preprocess_image
 from lcm_lora.world.dataset import write_imagefolder, write_shards
 from lcm_lora.world.scene import sample
+from tiny_run import TrainingProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 16
@@ -49,6 +51,11 @@ def _torchrun(*args: str, ok: bool = True, timeout: float = 300) -> subprocess.C
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")  # Linux; elsewhere a hang leaves its workers running
     return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children(pid)
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
 
 
 def _train_args(tmp_path, *data: str) -> list[str]:
@@ -116,3 +123,28 @@ def test_a_rank_with_only_empty_shards_fails_clearly_instead_of_hanging(tmp_path
             pass
     result = _torchrun(*_train_args(tmp_path, "--train_shards_path_or_url", str(tmp_path / "empty*.tar")), ok=False)
     assert "got no complete batch in a whole epoch" in result.stderr
+
+
+def test_sigterm_to_every_process_of_a_torchrun_job_checkpoints_once_and_resumes(data_dir, tmp_path):
+    """Slurm preemption as torchrun sees it: SIGTERM to every process of the job step (torchrun starts its ranks in
+    sessions of their own, so Slurm signals them by its process tracking, not by process group). Each rank gets it
+    directly and again from torchrun, and each rank's data-loader worker gets it too. The ranks agree on the step,
+    write one intact checkpoint together and exit 143; the run resumes from it under torchrun."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *_train_args(tmp_path, "--train_data_dir", str(data_dir)), "--max_train_steps", "200",
+               "--checkpointing_steps", "200", "--dataloader_num_workers", "1"]
+    run = TrainingProcess(command, session=True)
+    run.wait_for_step(200)
+    for pid in [run.process.pid, *_descendants(run.process.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    assert run.finish() == 1 and "SignalException" in run.log  # torchrun's own report of the signal it got
+    out = tmp_path / "out"
+    [stopped] = checkpoints(out)
+    step = checkpoint_step(stopped)
+    assert damage(stopped) is None and not list(out.glob("*.partial")), run.log[-3000:]
+    assert run.log.count(f"stopped by SIGTERM after step {step}; the state is in {stopped}") == 2, run.log[-3000:]
+    assert "killed by signal" not in run.log
+    _torchrun(*_train_args(tmp_path, "--train_data_dir", str(data_dir)), "--max_train_steps", str(step + 2),
+              "--checkpointing_steps", "200", "--resume_from_checkpoint", "latest")
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

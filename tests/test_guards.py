@@ -3,13 +3,10 @@
 import json
 import logging
 import os
-import re
+import resource
 import shutil
 import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +20,7 @@ from lcm_lora.config import ConfigError, TrainConfig
 from lcm_lora.export import DIFFUSERS_WEIGHT_NAME, LORA_CHECKPOINT_NAME
 from lcm_lora.world import assets
 from lcm_lora.world.dataset import write_imagefolder
-from tiny_run import tiny_config
+from tiny_run import TrainingProcess, cli_args, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +88,7 @@ def test_an_unknown_prediction_type_is_refused(data_dir, tmp_path, no_weights):
 def test_an_output_dir_holding_another_run_is_refused_unless_resuming(data_dir, tmp_path):
     trainer.train(_config(data_dir, tmp_path, max_train_steps=2))
     message = _problem(_config(data_dir, tmp_path, max_train_steps=2, learning_rate=5e-4))
-    assert "holds a run with another configuration (differs in learning_rate)" in message
+    assert "holds another run (its config.yaml differs in learning_rate" in message
     assert "--resume_from_checkpoint latest" in message
     trainer.train(_config(data_dir, tmp_path, max_train_steps=3, resume_from_checkpoint="latest"))  # allowed
 
@@ -164,27 +161,41 @@ def test_a_failed_write_is_reported_and_the_previous_checkpoint_kept(data_dir, t
         return real(self, output_dir, **kwargs)
 
     monkeypatch.setattr(trainer.Accelerator, "save_state", disk_full)
-    with pytest.raises(TrainingStopped, match=r"saving checkpoint-4 failed \(\[Errno 28\] No space left on "
-                                                      r"device\); .*checkpoint-2 is intact"):
+    with pytest.raises(TrainingStopped, match=r"saving checkpoint-4 failed \(OSError: \[Errno 28\] No space left "
+                                              r"on device\); the disk of .* has [\d.]+ MiB free; .*checkpoint-2 is intact"):
         trainer.train(_config(data_dir, tmp_path))
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
     assert not list(tmp_path.glob("*.partial"))
 
 
-class _StreamReader(threading.Thread):
-    """Collects a child's stream as it comes, so a test can wait for a line and still read it all."""
+def test_a_write_that_really_fails_midway_is_reported_cleaned_up_and_resumable(data_dir, tmp_path, monkeypatch):
+    """A full disk fails inside safetensors and torch.save, which raise their own errors, not OSError: here the
+    process's file-size limit makes every write of checkpoint-4 really fail partway, as a full disk would."""
+    whole = load_file(trainer.train(_config(data_dir, tmp_path / "whole")) / DIFFUSERS_WEIGHT_NAME)
+    real = trainer.Accelerator.save_state
 
-    def __init__(self, stream):
-        super().__init__(daemon=True)
-        self.stream, self.chunks = stream, []
+    def size_limited(self, output_dir=None, **kwargs):
+        if "checkpoint-4" not in str(output_dir):
+            return real(self, output_dir, **kwargs)
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG, as with ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
+        try:
+            return real(self, output_dir, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, handler)
 
-    def run(self) -> None:
-        for chunk in iter(lambda: self.stream.read1(4096), b""):
-            self.chunks.append(chunk)
-
-    @property
-    def text(self) -> str:
-        return b"".join(self.chunks).decode(errors="replace")
+    monkeypatch.setattr(trainer.Accelerator, "save_state", size_limited)
+    out = tmp_path / "full"
+    with pytest.raises(TrainingStopped, match=r"saving checkpoint-4 failed \(\w+: .*\); the disk of .* has [\d.]+ MiB "
+                                              r"free; .*checkpoint-2 is intact\. Fix the cause"):
+        trainer.train(_config(data_dir, out))
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2"] and not list(out.glob("*.partial"))
+    monkeypatch.setattr(trainer.Accelerator, "save_state", real)
+    resumed = trainer.train(_config(data_dir, out, resume_from_checkpoint="latest"))
+    final = load_file(resumed / DIFFUSERS_WEIGHT_NAME)
+    assert all(torch.equal(whole[k], final[k]) for k in whole)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -193,23 +204,12 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_says_how_to_resume(data
     config = _config(data_dir, tmp_path / "whole", max_train_steps=steps, checkpointing_steps=steps)
     whole = load_file(trainer.train(config) / DIFFUSERS_WEIGHT_NAME)
     out = tmp_path / "stopped"
-    argv = [sys.executable, str(ROOT / "train_lcm_lora.py"), "--pretrained_teacher_model", "teacher-eps",
-            "--train_data_dir", str(data_dir), "--resolution", "64", "--train_batch_size", "4", "--max_train_steps",
-            str(steps), "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
-            "--checkpointing_steps", str(steps), "--report_to", "none", "--seed", "0", "--output_dir", str(out)]
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = _StreamReader(process.stderr)
-    stderr.start()
-    deadline = time.monotonic() + 300
-    # The progress bar shows a finished step only from inside the loop, where the stop handlers are set.
-    while not re.search(rf"\| [1-9]\d*/{steps} ", stderr.text) and process.poll() is None:
-        assert time.monotonic() < deadline, stderr.text[-2000:]
-        time.sleep(0.02)
-    process.send_signal(sig)
-    process.wait(timeout=300)
-    stderr.join(timeout=60)
-    log = stderr.text
-    assert process.returncode == 128 + sig, log[-2000:]
+    flags = {**config.to_flat_dict(), "output_dir": str(out)}
+    run = TrainingProcess([sys.executable, str(ROOT / "train_lcm_lora.py"), *cli_args(flags)])
+    run.wait_for_step(steps)
+    run.process.send_signal(sig)
+    assert run.finish() == 128 + sig, run.log[-2000:]
+    log = run.log
     stopped = checkpoints(out)
     assert len(stopped) == 1, stopped
     step = checkpoint_step(stopped[0])

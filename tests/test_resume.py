@@ -16,6 +16,7 @@ from lcm_lora.checkpoint import checkpoints, find_checkpoint
 from lcm_lora.config import TrainConfig
 from lcm_lora.export import DIFFUSERS_WEIGHT_NAME
 from lcm_lora.world.dataset import write_imagefolder
+from tiny_run import cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # 24 images, batch 4: 6 micro-batches an epoch, so runs cross epochs; flips and emptied prompts use the
@@ -51,9 +52,7 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_lora(dat
     flags = dict(gradient_accumulation_steps=accumulation, checkpointing_steps=every)
     whole = _train(data_dir, tmp_path / "whole", **flags)
     out = tmp_path / "killed"
-    argv = [sys.executable, str(ROOT / "train_lcm_lora.py")]
-    for key, value in _flags(data_dir, out, **flags).items():
-        argv += [f"--{key}", str(value)] if not isinstance(value, bool) else [f"--{key}" if value else f"--no-{key}"]
+    argv = [sys.executable, str(ROOT / "train_lcm_lora.py"), *cli_args(_flags(data_dir, out, **flags))]
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (out / f"checkpoint-{every}").is_dir() and process.poll() is None and time.monotonic() < deadline:

@@ -1,26 +1,54 @@
 """Decode one image safely and preprocess it: anything unusable raises BadSample with a reason.
 
 Real folders hold truncated downloads, non-images with image names, 16-bit and CMYK scans,
-transparent PNGs, EXIF-rotated phone photos, thumbnails and the occasional decompression bomb.
-Each becomes either a plain RGB image the size it looks, or a BadSample the loader skips and counts.
+transparent PNGs, EXIF-rotated phone photos, thumbnails, malformed EXIF blocks, FIFOs with image
+names, extreme aspect ratios and the occasional decompression bomb. Each becomes either a plain RGB
+image the size it looks, or a BadSample the loader skips and counts: no exception from decoding a
+sample gets past the skip.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import os
 import random
+import stat
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 # A short side below this share of --resolution would be upscaled into mush: skip, don't train on it.
 MIN_SIDE_FRACTION = 0.25
+# A resized image over this many crops' worth of pixels is not made whole: only the crop is resampled. Up to it,
+# resize-then-crop stays as it was, bit for bit (resampling a box of the source differs in the last bit).
+MAX_RESIZED_CROPS = 16
+BICUBIC_SUPPORT = 2  # source pixels either side of a bicubic tap's centre, at scale 1
+FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
 
 class BadSample(Exception):
     """One sample cannot be used; the message is the reason, counted in the run's summary."""
+
+
+def describe_error(err: Exception) -> str:
+    """'Type: message', the type named by its module unless built in ('struct.error', not a bare 'error')."""
+    kind = type(err)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{name}: {err}"
+
+
+def require_regular_file(path) -> None:
+    """BadSample unless `path` is a regular file (symlinks followed); OSError when it cannot be looked at.
+
+    Opening a FIFO blocks until something writes to it, and a device may never end: either would hang a worker,
+    and the run with it, beyond SIGTERM."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise BadSample(f"not a regular file ({path} is {FILE_KINDS.get(stat.S_IFMT(mode), 'a special file')})")
 
 
 def open_image(value) -> Image.Image:
@@ -33,12 +61,16 @@ def open_image(value) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = _open(value)
             image.load()  # decode now: truncated files fail here, not later in a worker
-            image = ImageOps.exif_transpose(image)
+            return to_rgb(ImageOps.exif_transpose(image))
+    except BadSample:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadSample(f"decompression bomb ({err})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadSample(f"unreadable image ({type(err).__name__}: {err})") from None
-    return to_rgb(image)
+    except Exception as err:
+        # Not only OSError: exif_transpose raises struct.error when it writes back an EXIF block whose tags have
+        # the wrong types, and fuzzing finds such files in JPEG, PNG and WebP (tests/test_hostile_data.py).
+        # Whatever a hostile file raises, it must cost one sample, never the run.
+        raise BadSample(f"unreadable image ({describe_error(err)})") from None
 
 
 def _open(value) -> Image.Image:
@@ -46,8 +78,13 @@ def _open(value) -> Image.Image:
         return value
     if isinstance(value, dict):
         data = value.get("bytes")
-        return Image.open(io.BytesIO(data)) if data else Image.open(value["path"])
-    return Image.open(value)
+        return Image.open(io.BytesIO(data)) if data else _open_path(value["path"])
+    return _open_path(value)
+
+
+def _open_path(path) -> Image.Image:
+    require_regular_file(path)
+    return Image.open(path)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -81,6 +118,30 @@ def crop_box(resized: tuple[int, int], resolution: int, center_crop: bool, rng: 
     return left, top, left + resolution, top + resolution
 
 
+def resized_crop(image: Image.Image, resized: tuple[int, int], box: tuple[int, ...]) -> Image.Image:
+    """The `box` crop of `image` resized to `resized`: resize, then crop, unless the resized image would be far
+    larger than the crop (a 4,000,000 x 8 PNG at --resolution 32 would take gigabytes and a minute)."""
+    if resized == image.size:
+        return image.crop(box)
+    if resized[0] * resized[1] <= MAX_RESIZED_CROPS * (box[2] - box[0]) * (box[3] - box[1]):
+        return image.resize(resized, Image.BICUBIC).crop(box)
+    return _resample_crop_only(image, resized, box)
+
+
+def _resample_crop_only(image: Image.Image, resized: tuple[int, int], box: tuple[int, ...]) -> Image.Image:
+    """What resized_crop gives, resampling only the source pixels the crop depends on, with `resize(box=...)`
+    (https://pillow.readthedocs.io/en/stable/reference/Image.html#PIL.Image.Image.resize). PIL passes that box
+    as float32, which is coarse a million pixels in, so a window around it is cut out first: wider than the
+    bicubic filter reaches, so no tap is lost, and small, so the box's coordinates stay exact."""
+    scale_x, scale_y = image.width / resized[0], image.height / resized[1]
+    source = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
+    reach = math.ceil(BICUBIC_SUPPORT * max(scale_x, scale_y, 1.0)) + 1
+    window = (max(0, math.floor(source[0]) - reach), max(0, math.floor(source[1]) - reach),
+              min(image.width, math.ceil(source[2]) + reach), min(image.height, math.ceil(source[3]) + reach))
+    in_window = (source[0] - window[0], source[1] - window[1], source[2] - window[0], source[3] - window[1])
+    return image.crop(window).resize((box[2] - box[0], box[3] - box[1]), Image.BICUBIC, box=in_window)
+
+
 def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
                      rng: random.Random) -> tuple[torch.Tensor, dict]:
     """Resize the short side, crop a square, maybe flip -> ([3, H, W] in [-1, 1], geometry).
@@ -91,9 +152,10 @@ def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, ran
         raise BadSample(f"too small ({w}x{h}, short side under {MIN_SIDE_FRACTION:g} x --resolution {resolution})")
     new_size = resized_size((w, h), resolution)
     box = crop_box(new_size, resolution, center_crop, rng)
-    if new_size != (w, h):
-        image = image.resize(new_size, Image.BICUBIC)
-    image = image.crop(box)
+    try:
+        image = resized_crop(image, new_size, box)
+    except Exception as err:  # e.g. MemoryError, or a mode PIL cannot resample: one sample, never the run
+        raise BadSample(f"cannot resize image ({describe_error(err)})") from None
     flipped = random_flip and rng.random() < 0.5
     if flipped:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)

@@ -9,7 +9,10 @@ accumulation stay in step); what was skipped travels with the batch to the train
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal
+import threading
 from collections import Counter
 from typing import Iterator
 
@@ -37,6 +40,8 @@ def pick_caption(captions: list[str], proportion_empty: float, rng: random.Rando
 
 def row_captions(value) -> list[str]:
     """A row's caption cell (one string or a list) as a list; BadSample when none is usable."""
+    if isinstance(value, BadSample):  # a caption file that could not be read (sources.read_captions)
+        raise value
     captions = [value] if isinstance(value, str) else value
     if not isinstance(captions, (list, tuple)) or not any(isinstance(c, str) and c.strip() for c in captions):
         raise BadSample("missing or empty caption")
@@ -140,9 +145,40 @@ class Keyed(torch.utils.data.Dataset):
         return epoch, index, self.ds[index]
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Every data loader's worker_init_fn: the workers ignore SIGINT, and SIGTERM unless their parent sends it.
+
+    Slurm preemption, systemd, `kill -TERM -PGID` and Ctrl-C signal the whole process group. A worker killed by
+    one ends the run ("DataLoader worker ... killed by signal") before the main process, which handles the
+    signal, can finish its step and checkpoint; the main process then shuts its workers down itself. Its own
+    SIGTERM must still end a worker: at exit, multiprocessing terminates daemonic children and joins them without
+    a timeout, so a worker ignoring it would hang the exit. PyTorch's worker handler tells the two apart by the
+    sender, exiting quietly for the parent (handler_SIGTERM in
+    https://github.com/pytorch/pytorch/blob/main/torch/csrc/DataLoader.cpp), but dies for anyone else. A Python
+    handler is not told the sender, so a thread takes SIGTERM with sigwaitinfo, which is. PyTorch sets its
+    handlers before it calls worker_init_fn (torch/utils/data/_utils/worker.py), so these take effect."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: PyTorch's handler stays, and a group SIGTERM ends the worker
+        return
+    # Blocked in this thread, and so in every thread it starts, SIGTERM waits for the thread below.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from_parent, name="sigterm-from-parent", daemon=True).start()
+
+
+def _exit_on_sigterm_from_parent() -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+            os._exit(0)  # as PyTorch's handler does: exit code 0, so the loader reports no dead worker
+
+
 def shuffled_loader(dataset, collate, args: DataArgs, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
     """The one loader shape of every map-style source: seeded shuffle, full batches, optional workers. The
-    generator is the loader's own: the trainer checkpoints its state at each epoch start to resume exactly."""
+    generator is the loader's own: the trainer checkpoints its state at each epoch start to resume exactly.
+
+    Workers are started for each epoch, not kept: each new iterator draws its workers' base seed from the
+    generator before the epoch's shuffle, so a run resumed in epoch k shuffles it as the run that never stopped
+    did. Persistent workers would draw that seed in the first epoch only, and a resume with workers would
+    shuffle differently from then on."""
     generator = torch.Generator().manual_seed(seed)
     keyed = Keyed(dataset)
     return torch.utils.data.DataLoader(
@@ -152,8 +188,8 @@ def shuffled_loader(dataset, collate, args: DataArgs, batch_size: int, seed: int
         generator=generator,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
+        worker_init_fn=ignore_stop_signals,
         drop_last=True,
-        persistent_workers=args.dataloader_num_workers > 0,
     )
 
 

@@ -8,8 +8,9 @@ several joined with `::`, and are read with webdataset's own tar reader (an opti
 
 Splitting: every epoch all ranks shuffle the shard list with the same seed, rank r takes shards
 r, r + R, ...; within a rank, worker k of K takes every K-th of those. Ranks and workers therefore
-read disjoint shards. A shard that cannot be read, or holds no sample, is skipped and counted like a
-bad sample; a rank that gets no complete batch from a whole epoch stops with an error, never waits.
+read disjoint shards. A shard that cannot be read, holds no sample, or is no regular file (a FIFO a glob
+matched would block its reader for ever) is skipped and counted like a bad sample; a rank that gets no
+complete batch from a whole epoch stops with an error, never waits.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import json
 import random
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import torch
 
 from ..config import DataArgs
-from .images import BadSample
-from .loader import decode_row, make_batch, pick_caption, sample_rng
+from .images import BadSample, describe_error, require_regular_file
+from .loader import decode_row, ignore_stop_signals, make_batch, pick_caption, sample_rng
 from .sources import DataError, caption_lines
 
 FLAG = "--train_shards_path_or_url"
@@ -56,9 +59,14 @@ def expand_shards(spec: str) -> list[str]:
                     raise DataError(f"{FLAG}: '{url}' matches no file.")
                 urls.extend(matches)
             else:
-                if not Path(url).is_file():
+                if not Path(url).exists():
                     raise DataError(f"{FLAG}: no such shard '{url}'. Give tar files, a glob, a brace "
                                     "pattern or a pipe: command.")
+                try:
+                    require_regular_file(url)
+                except BadSample as err:
+                    raise DataError(f"{FLAG}: {err}; give tar files, a glob, a brace pattern or a pipe: "
+                                    "command.") from None
                 urls.append(url)
     if not urls:
         raise DataError(f"{FLAG} '{spec}' names no shard.")
@@ -81,18 +89,33 @@ def shard_rows(url: str, args: DataArgs, problems: list[tuple[str, str]]) -> Ite
 
     count = 0
     try:
+        local = local_path(url)
+        if local is not None:
+            require_regular_file(local)  # a glob can match a FIFO, which would block gopen forever
         stream = gopen(url)
         files = tar_file_expander([{"url": url, "stream": stream}], handler=stop_reading)
         for sample in group_by_keys(files, handler=stop_reading):
             count += 1
             yield _row(sample, args)
         stream.close()  # a pipe: command reports a failed exit status here
+    except BadSample as err:
+        problems.append((url, str(err)))
+        return
     except Exception as err:  # openers and pipes raise whatever their scheme raises
         errors.append(err)
     if errors:
-        problems.append((url, f"unreadable shard after {count} samples ({type(errors[0]).__name__}: {errors[0]})"))
+        problems.append((url, f"unreadable shard after {count} samples ({describe_error(errors[0])})"))
     elif count == 0:
         problems.append((url, "empty shard (no samples)"))
+
+
+def local_path(url: str) -> str | None:
+    """The file a shard url names when it is local (a path or a file: url, as webdataset's gopen reads them);
+    None for remote urls and pipe: commands."""
+    parsed = urlparse(url)
+    if parsed.scheme == "":
+        return url
+    return url2pathname(parsed.path) if parsed.scheme == "file" else None
 
 
 def _row(sample: dict, args: DataArgs) -> dict:
@@ -168,4 +191,5 @@ def make_shard_dataloader(args: DataArgs, tokenizer, batch_size: int, seed: int,
     stream = ShardStream(expand_shards(args.train_shards_path_or_url), args, tokenizer, batch_size, seed,
                          rank, world_size)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.dataloader_num_workers,
+                                       worker_init_fn=ignore_stop_signals,
                                        generator=torch.Generator().manual_seed(seed))

@@ -2,7 +2,8 @@
 
 - `--train_data_dir` with metadata.jsonl / .csv / .parquet: a Hugging Face `imagefolder`.
 - `--train_data_dir` without metadata: images found recursively, each captioned by a same-name
-  `.txt` or `.caption` file (kohya's layout); every non-empty line is one caption.
+  `.txt` or `.caption` file (kohya's layout); every non-empty line is one caption. Caption files are
+  read when their row is read, so one that cannot be read costs one sample, not the run.
 - `--dataset_name`: a hub data set, a local folder `datasets` can load, a `save_to_disk` folder,
   or a single .parquet / .arrow / .csv / .jsonl file.
 
@@ -11,9 +12,11 @@ Images stay undecoded (paths or bytes) here: the loader decodes each one and ski
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from ..config import DataArgs
+from .images import BadSample, describe_error, require_regular_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -75,27 +78,51 @@ def _load_named(name: str, config_name: str | None, where: str):
 
 
 def caption_folder(root: Path, image_column: str, caption_column: str, where: str):
-    """Rows {image: path, text: [captions]} for every image under `root` (sorted, recursive)."""
+    """Rows {image: path, text: [captions]} for every image under `root` (sorted, recursive).
+
+    The rows store each caption file's path, read by a datasets transform whenever a row is read (in the
+    data-loader workers): a caption file that cannot be read then gives that row a BadSample, which the loader
+    counts and replaces, where reading every file here would end the run before its first step."""
     import datasets
 
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise DataError(f"{where}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no metadata file "
                         f"({', '.join(METADATA_FILES)}) in it or its subfolders.")
-    captions = [read_captions(p) for p in images]
-    if not any(captions):
+    files = [caption_file(p) for p in images]
+    if not any(files):
         raise DataError(f"{where}: none of its {len(images)} images has a caption file. Put one next to each "
                         "image with the same name and a .txt or .caption suffix, one caption per line.")
-    return datasets.Dataset.from_dict({image_column: [str(p) for p in images], caption_column: captions})
+    ds = datasets.Dataset.from_dict({image_column: [str(p) for p in images], caption_column: files})
+    return ds.with_transform(functools.partial(read_caption_column, column=caption_column))
 
 
-def read_captions(image: Path) -> list[str]:
-    """The non-empty lines of the image's caption file; [] when there is none."""
+def caption_file(image: Path) -> str | None:
+    """The image's caption file (same name, .txt, else .caption), None when it has none."""
     for suffix in CAPTION_SUFFIXES:
         file = image.with_suffix(suffix)
-        if file.is_file():
-            return caption_lines(file.read_bytes())
-    return []
+        if file.exists():
+            return str(file)
+    return None
+
+
+def read_caption_column(batch: dict, column: str) -> dict:
+    """A caption-folder batch with each caption file replaced by its captions (caption_folder's transform)."""
+    return {**batch, column: [read_captions(file) for file in batch[column]]}
+
+
+def read_captions(file: str | None) -> list[str] | BadSample:
+    """The caption file's non-empty lines ([] without a file), or the BadSample saying why it cannot be read:
+    loader.row_captions raises it, so it is counted under its own reason."""
+    if file is None:
+        return []
+    try:
+        require_regular_file(file)
+        return caption_lines(Path(file).read_bytes())
+    except BadSample as err:
+        return err
+    except OSError as err:  # permissions, a vanished file, an I/O error of the disk or network share
+        return BadSample(f"unreadable caption file ({describe_error(err)})")
 
 
 def caption_lines(data: bytes) -> list[str]:
