@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from lcm_lora.conditioning import cat_cond
 from lcm_lora.config import TrainConfig
 from lcm_lora.data.loader import tokenize
 from lcm_lora.distill import lcd_loss
@@ -58,15 +59,15 @@ def main() -> None:
     batch = {"pixel_values": torch.rand(b, 3, r, r) * 2 - 1,
              "input_ids": tokenize(teacher.tokenizer, ["a red circle"] * b)}
     scaling = teacher.vae.config.scaling_factor
-    x0, c = encode_batch(teacher, batch, device, dtype, scaling)
+    x0, c = encode_batch(teacher, batch, device, scaling, config.data)
     with torch.no_grad():
         cached = {"latent_parameters": teacher.vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.parameters,
-                  "encoder_hidden_states": c}
+                  "encoder_hidden_states": c["context"]}
     t = torch.full((b,), 499, device=device)
 
     def train_step(data: dict) -> None:
         with accelerator.autocast():
-            x0, c = encode_batch(teacher, data, device, dtype, scaling)
+            x0, c = encode_batch(teacher, data, device, scaling, config.data)
             loss = lcd_loss(student, teacher_fn, target, x0, c, c, alphas_cumprod, tau, config.distill,
                             teacher.prediction_type).mean()
             accelerator.backward(loss)
@@ -84,7 +85,7 @@ def main() -> None:
         with accelerator.autocast():
             student(x0, t, c).float().mean().backward()
             with torch.no_grad():
-                teacher_fn(torch.cat([x0, x0]), torch.cat([t, t]), torch.cat([c, c]))
+                teacher_fn(torch.cat([x0, x0]), torch.cat([t, t]), cat_cond(c, c))
                 target(x0, t, c)
 
     def timed(fn) -> float:

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from .config import DataArgs, TrainConfig
 from .data import BadSample, BadSampleLog, load_source
-from .data.cache import EMPTY, FORMAT, MANIFEST
+from .conditioning import encode_text
+from .data.cache import EMPTY, EMPTY_NAMES, FORMAT, MANIFEST, STORED_NAMES
 from .data.loader import decode_row, sample_name, tokenize
 from .data.shards import NAME, expand_shards, shard_rows
 from .models import load_teacher, teacher_fingerprint
@@ -29,8 +30,10 @@ SHARD_SIZE = 4096
 
 
 @torch.no_grad()
-def _encode_text(teacher, captions: list[str], device) -> torch.Tensor:
-    return teacher.text_encoder(tokenize(teacher.tokenizer, captions).to(device))[0].float().cpu()
+def _encode_text(teacher, captions: list[str], device) -> dict[str, torch.Tensor]:
+    """Each caption's encodings under their stored names: text_embeds, and for SDXL pooled_embeds."""
+    c = encode_text(teacher.text_encoders, tuple(tokenize(t, captions).to(device) for t in teacher.tokenizers))
+    return {STORED_NAMES[key]: value.float().cpu() for key, value in c.items()}
 
 
 class ShardWriter:
@@ -45,11 +48,11 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.rows:
             return
-        offsets = torch.tensor([0] + [len(r["text_embeds"]) for r in self.rows]).cumsum(0)
+        offsets = torch.tensor([0] + [len(r["text"]["text_embeds"]) for r in self.rows]).cumsum(0)
         name = f"shard-{len(self.shards):05d}.safetensors"
         save_file({
             "latent_parameters": torch.stack([r["latent_parameters"] for r in self.rows]).contiguous(),
-            "text_embeds": torch.cat([r["text_embeds"] for r in self.rows]).contiguous(),
+            **{key: torch.cat([r["text"][key] for r in self.rows]).contiguous() for key in self.rows[0]["text"]},
             "caption_offsets": offsets,
             "original_size": torch.tensor([r["original_size"] for r in self.rows]),
             "crop_top_left": torch.tensor([r["crop_top_left"] for r in self.rows]),
@@ -143,12 +146,13 @@ def _write_shards(config: TrainConfig, tmp: Path, batch_size: int, device: str) 
         pixels = torch.stack([g[0] for g in good]).to(device)
         parameters = teacher.vae.encode(pixels).latent_dist.parameters.float().cpu()
         counts = [len(g[2]) for g in good]
-        embeds = _encode_text(teacher, [c for g in good for c in g[2]], device).split(counts)
-        for (_, geometry, _), params, text_embeds in zip(good, parameters, embeds):
-            writer.add({"latent_parameters": params, "text_embeds": text_embeds,
+        encoded = _encode_text(teacher, [c for g in good for c in g[2]], device)
+        per_sample = [dict(zip(encoded, parts)) for parts in zip(*(v.split(counts) for v in encoded.values()))]
+        for (_, geometry, _), params, text in zip(good, parameters, per_sample):
+            writer.add({"latent_parameters": params, "text": text,
                         "original_size": geometry["original_size"], "crop_top_left": geometry["crop_top_left"]})
     writer.flush()
-    save_file({"empty_embed": _encode_text(teacher, [""], device)}, str(tmp / EMPTY))
+    save_file({EMPTY_NAMES[k]: v for k, v in _encode_text(teacher, [""], device).items()}, str(tmp / EMPTY))
     manifest = {
         "format": FORMAT,
         "teacher": teacher_fingerprint(config.model),

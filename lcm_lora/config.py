@@ -51,6 +51,9 @@ class ModelArgs:
     single_file_config: str | None = field(default=None, metadata=_help(
         "For a single-file teacher (.safetensors in the original SD layout, e.g. a community checkpoint): a "
         "local diffusers folder (or hub id) holding the base model's configs and tokenizer, so loading works offline."))
+    pretrained_vae_model_name_or_path: str | None = field(default=None, metadata=_help(
+        "A VAE to use instead of the teacher's (a folder or hub id), e.g. an fp16-safe SDXL VAE; without one, an "
+        "SDXL-family VAE encodes in fp32 under --mixed_precision fp16, since it overflows in fp16."))
     allow_pickle_weights: bool = field(default=False, metadata=_help(
         "Also load .bin/.ckpt (pickle) weights, which can run code when loaded; only for files you trust."))
     prediction_type: str | None = field(default=None, metadata=_help(
@@ -75,6 +78,9 @@ class DataArgs:
     resolution: int = field(default=512, metadata=_help("Training resolution in pixels (square).", low=8))
     center_crop: bool = field(default=True, metadata=_help("Center crop after resizing; else random crop."))
     random_flip: bool = field(default=False, metadata=_help("Randomly flip images horizontally."))
+    use_fix_crop_and_size: bool = field(default=True, metadata=_help(
+        "SDXL: condition on (res, res, 0, 0, res, res), the inference default, instead of each image's real "
+        "original size and (flip-corrected) crop."))
     proportion_empty_prompts: float = field(default=0.0, metadata=_help("Share of captions replaced by ''.", low=0, high=1))
     max_train_samples: int | None = field(default=None, metadata=_help("Use only this many samples.", low=1))
     max_bad_samples_fraction: float = field(default=0.05, metadata=_help(

@@ -21,7 +21,7 @@ from .checkpoint import RECORD, checkpoint_step, read_record
 from .config import EXPORT_FORMATS, PREDICTION_TYPES, ConfigError, ModelArgs, RunArgs, TrainConfig
 from .models import config_source, load_unet_config, resolve_teacher, teacher_prediction_type, unet_config
 from .safetensors_io import check_outputs
-from .single_file import config_folder, unet_ldm_key, unet_ldm_names
+from .single_file import config_folder, single_file_problems, unet_ldm_key, unet_ldm_names
 
 # Hashes of the weights describe the file before the merge: dropped rather than left wrong.
 STALE_AFTER_MERGE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
@@ -178,6 +178,9 @@ def merge_lora(checkpoint: str | Path, lora: str | Path, output: str | Path, con
                          "(pickle files can run code when loaded).")
     if not math.isfinite(strength):
         raise ValueError(f"--strength {strength}: must be a finite number.")
+    problems = single_file_problems(checkpoint, config_dir)  # also: a folder of another family, the SDXL refiner
+    if problems:
+        raise ConfigError(" ".join(problems))
     folder = config_folder(config_dir, checkpoint)
     check_outputs([output], [checkpoint, export.lora_file(lora), folder], overwrite)
     config = load_unet_config(str(folder), flag="--single_file_config")

@@ -1,8 +1,9 @@
 """One latent consistency distillation step (LCM, arXiv 2310.04378, Algorithm 1; LoRA: arXiv 2311.05556).
 
 `student`, `teacher` and `target` are callables (z_t, t, c) -> UNet output. The trainer makes them
-from one UNet: LoRA on with grad, LoRA off without grad, LoRA on without grad. Returns per-example
-losses; the trainer reduces, scales for accumulation and logs.
+from one UNet: LoRA on with grad, LoRA off without grad, LoRA on without grad. c is the text context, or
+for SDXL a dict with its pooled embedding and time ids (lcm_lora.conditioning); every call gets it. Returns
+per-example losses; the trainer reduces, scales for accumulation and logs.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ from typing import Callable
 
 import torch
 
+from .conditioning import Cond, cat_cond
 from .config import DistillArgs
 from .losses import consistency_loss, sample_guidance_scale
 from .schedule import alpha_sigma, boundary_scalings, sample_timestep_pair
 from .solver import consistency_fn, ddim_step, guide, to_x0_eps
 
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+UNetFn = Callable[[torch.Tensor, torch.Tensor, Cond | torch.Tensor], torch.Tensor]
 
 
-def lcd_loss(student: UNetFn, teacher: UNetFn, target: UNetFn, x0: torch.Tensor, c: torch.Tensor,
-             c_uncond: torch.Tensor, alphas_cumprod: torch.Tensor, tau: torch.Tensor, d: DistillArgs,
+def lcd_loss(student: UNetFn, teacher: UNetFn, target: UNetFn, x0: torch.Tensor, c: Cond | torch.Tensor,
+             c_uncond: Cond | torch.Tensor, alphas_cumprod: torch.Tensor, tau: torch.Tensor, d: DistillArgs,
              prediction_type: str) -> torch.Tensor:
     b = x0.shape[0]
     # 1. Sample t_{n+k} from the skipping grid tau, and t_n = t_{n+k} - k.
@@ -35,7 +37,7 @@ def lcd_loss(student: UNetFn, teacher: UNetFn, target: UNetFn, x0: torch.Tensor,
     with torch.no_grad():
         # 4. Teacher (LoRA off): cond and uncond in one call of batch 2B, CFG on x0 and eps,
         #    then one DDIM step from t_{n+k} to t_n.
-        out = teacher(torch.cat([z, z]), torch.cat([t_n_plus_k, t_n_plus_k]), torch.cat([c, c_uncond]))
+        out = teacher(torch.cat([z, z]), torch.cat([t_n_plus_k, t_n_plus_k]), cat_cond(c, c_uncond))
         x0_both, eps_both = to_x0_eps(out, torch.cat([z, z]), torch.cat([alpha_nk, alpha_nk]),
                                       torch.cat([sigma_nk, sigma_nk]), prediction_type)
         (x0_c, x0_u), (eps_c, eps_u) = x0_both.chunk(2), eps_both.chunk(2)

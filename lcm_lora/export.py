@@ -23,6 +23,7 @@ from safetensors.torch import save
 
 from . import formats
 from .config import EXPORT_FORMATS
+from .families import model_family
 from .formats import LoraModule
 from .safetensors_io import read_metadata, read_safetensors, save_safetensors_atomic  # noqa: F401  (re-exported)
 
@@ -168,6 +169,7 @@ def write_formats(modules: dict[str, LoraModule], out_dir: str | Path, export_fo
     a file would hold NaN or inf (LoraFormatError naming it and the first such key)."""
     paths = output_paths(out_dir, export_formats, info.output_name)
     base_meta = metadata(info.config_flat, info.teacher, info.prediction_type, info.steps, info.config_changes)
+    base_meta["lcm_lora.base_family"] = model_family(info.unet_config)  # SSD-1B and Vega files say SDXL elsewhere
     files = {}
     if "diffusers" in paths:
         meta = {**base_meta, **formats.diffusers_adapter_metadata(modules), "lcm_lora.alpha_baked_into_lora_B": "true"}

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .families import SDXL_FAMILY, model_family
+
 KOHYA_PREFIX = "lora_unet_"
 DIFFUSERS_PREFIX = "unet."
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -325,12 +327,14 @@ class BaseModel:
 
 
 def base_model(unet_config: dict, prediction_type: str) -> BaseModel:
-    """From the UNet's config: SDXL has text-time embeddings, SD2 a 1024-wide text encoder, else SD1."""
+    """The UNet's family (families.model_family) as the tools name it. SSD-1B and Vega are SDXL to kohya, A1111 and
+    ModelSpec, which have no ids of their own for them; their files use the same sgm block names."""
+    family = model_family(unet_config)
     v = prediction_type == "v_prediction"
-    if unet_config.get("addition_embed_type") == "text_time":
+    if family in SDXL_FAMILY:
         return BaseModel("sdxl_base_v1-0", False, "stable-diffusion-xl-v1-base",
                          "https://github.com/Stability-AI/generative-models", sgm_names=True)
-    if unet_config.get("cross_attention_dim") == 1024:
+    if family == "sd2":
         return BaseModel("sd_v2" + ("_v" if v else ""), True,
                          "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512", "diffusers", sgm_names=False)
     return BaseModel("sd_v1" + ("_v" if v else ""), False, "stable-diffusion-v1", "diffusers", sgm_names=False)

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .config import PREDICTION_TYPES, ConfigError, LoraArgs, ModelArgs
+from .families import SDXL_FAMILY, model_family, refiner_problem
 from .world import assets
 
 
@@ -28,6 +29,17 @@ class Teacher:
     noise_scheduler: DDPMScheduler  # only its alphas_cumprod table is used
     prediction_type: str
     source: str
+    tokenizer_2: CLIPTokenizer | None = None  # the SDXL family's second encoder (OpenCLIP bigG), with projection
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: the pipeline's uncond is zeros, not the encoded ""
+
+    @property
+    def tokenizers(self) -> tuple:
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+
+    @property
+    def text_encoders(self) -> tuple:
+        return tuple(t for t in (self.text_encoder, self.text_encoder_2) if t is not None)
 
 
 def resolve_teacher(name_or_path: str) -> str:
@@ -92,13 +104,18 @@ def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> T
     common = dict(revision=args.revision, use_safetensors=None if args.allow_pickle_weights else True)
     noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=args.revision)
     prediction_type = _prediction_type(args, noise_scheduler.config, source)
-    tokenizer = text_encoder = vae = None
+    parts, sdxl = {}, is_sdxl(load_unet_config(source, args.revision))
     try:
         if encoders:
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=args.revision)
-            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant,
-                                                         **common)
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
+            parts["tokenizer"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=args.revision)
+            parts["text_encoder"] = CLIPTextModel.from_pretrained(source, subfolder="text_encoder",
+                                                                  variant=args.variant, **common)
+            if sdxl:
+                parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2",
+                                                                     revision=args.revision)
+                parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                    source, subfolder="text_encoder_2", variant=args.variant, **common)
+            parts["vae"] = _load_vae(args, source, common)
         unet_model = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant,
                                                           **common) if unet else None
     except OSError as err:
@@ -109,14 +126,44 @@ def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> T
                           "refused; convert them to safetensors, or pass --allow_pickle_weights if you trust "
                           "the files.") from err
     return Teacher(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
+        tokenizer=parts.get("tokenizer"),
+        text_encoder=parts.get("text_encoder"),
+        vae=parts.get("vae"),
         unet=unet_model,
         noise_scheduler=noise_scheduler,
         prediction_type=prediction_type,
         source=args.pretrained_teacher_model,
+        tokenizer_2=parts.get("tokenizer_2"),
+        text_encoder_2=parts.get("text_encoder_2"),
+        force_zeros_for_empty_prompt=sdxl and _force_zeros(source, args.revision),
     )
+
+
+def is_sdxl(unet_config: dict) -> bool:
+    """The SDXL family (SDXL, SSD-1B, Vega): a UNet with text-time (size and crop) conditioning."""
+    return model_family(unet_config) in SDXL_FAMILY
+
+
+def _force_zeros(source: str, revision: str | None) -> bool:
+    """The SDXL pipeline's `force_zeros_for_empty_prompt` (model_index.json; diffusers' default: true)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return bool(DiffusionPipeline.load_config(source, revision=revision).get("force_zeros_for_empty_prompt", True))
+    except OSError:
+        return True
+
+
+def _load_vae(args: ModelArgs, source: str, common: dict) -> AutoencoderKL:
+    """The teacher's VAE, or --pretrained_vae_model_name_or_path (a VAE folder or hub id, or a pipeline's vae/)."""
+    vae_source = args.pretrained_vae_model_name_or_path
+    if vae_source is None:
+        return AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
+    return AutoencoderKL.from_pretrained(vae_source, subfolder=_vae_subfolder(vae_source), **common)
+
+
+def _vae_subfolder(vae_source: str) -> str | None:
+    return "vae" if (Path(vae_source) / "vae").is_dir() else None
 
 
 def _load_single_file_teacher(args: ModelArgs, encoders: bool, unet: bool) -> Teacher:
@@ -134,6 +181,9 @@ def _load_single_file_teacher(args: ModelArgs, encoders: bool, unet: bool) -> Te
         noise_scheduler=noise_scheduler,
         prediction_type=_prediction_type(args, noise_scheduler.config, args.pretrained_teacher_model),
         source=args.pretrained_teacher_model,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None) if encoders else None,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None) if encoders else None,
+        force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
     )
 
 
@@ -171,10 +221,16 @@ def teacher_problems(args: ModelArgs, resolution: int, num_ddim_timesteps: int, 
         return [f"{flag}: no such folder."]  # a hub id is owner/name; anything else is a path
     if Path(source).is_dir():
         needed = ["unet", "scheduler"] + (["vae", "text_encoder", "tokenizer"] if encoders else [])
+        if (Path(source) / "unet").is_dir():
+            config = load_unet_config(source, args.revision, flag)
+            refiner = refiner_problem(config, source)
+            if refiner:
+                return [f"{flag}: {refiner}"]
+            needed += ["text_encoder_2", "tokenizer_2"] if encoders and is_sdxl(config) else []
         missing = [sub for sub in needed if not (Path(source) / sub).is_dir()]
         if missing:
             return [f"{flag}: no {', '.join(missing)} subfolder. Give a diffusers pipeline folder "
-                    "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."]
+                    f"(model_index.json, {'/, '.join(needed)}/)."]
     problems = []
     try:
         scheduler = DDPMScheduler.load_config(source, subfolder="scheduler", revision=args.revision)
@@ -273,15 +329,22 @@ def teacher_fingerprint(args: ModelArgs) -> dict:
     from transformers import CLIPTextConfig
 
     source = config_source(args)
-    configs = {
-        "vae": dict(AutoencoderKL.load_config(source, subfolder="vae", revision=args.revision)),
-        "text_encoder": CLIPTextConfig.from_pretrained(source, subfolder="text_encoder",
-                                                       revision=args.revision).to_diff_dict(),
-    }
+    sdxl = is_sdxl(unet_config(args))
+    vae = (AutoencoderKL.load_config(source, subfolder="vae", revision=args.revision)
+           if args.pretrained_vae_model_name_or_path is None else _vae_config(args.pretrained_vae_model_name_or_path))
+    configs = {"vae": dict(vae)}
+    for encoder in ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",):
+        configs[encoder] = CLIPTextConfig.from_pretrained(source, subfolder=encoder,
+                                                          revision=args.revision).to_diff_dict()
     for config in configs.values():  # bookkeeping that changes with library versions, not the model
         for key in [k for k in config if k.startswith("_") or k == "transformers_version"]:
             config.pop(key)
     digest = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     name, weights = args.pretrained_teacher_model, resolve_teacher(args.pretrained_teacher_model)
     teacher = name if name in assets.BUNDLED or not Path(weights).exists() else str(Path(weights).resolve())
-    return {"teacher": teacher, "revision": args.revision, "variant": args.variant, "encoder_configs": digest}
+    return {"family": "sdxl" if sdxl else "sd", "teacher": teacher, "revision": args.revision, "variant": args.variant,
+            "vae": args.pretrained_vae_model_name_or_path, "encoder_configs": digest}
+
+
+def _vae_config(vae_source: str) -> dict:
+    return AutoencoderKL.load_config(vae_source, subfolder=_vae_subfolder(vae_source))

@@ -2,10 +2,13 @@
 
 A "single file" is one .safetensors holding the whole pipeline with the names of the original
 training code: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
-`cond_stage_model.transformer.text_model.*` (CLIP text encoder). The name tables below are built
-from a model's config, block by block, so they fit SD1.x, SD2.x, SDXL UNets and our tiny bundled
-teachers alike. Writing goes through safetensors at the edge; reading goes through diffusers' own
-`from_single_file`, which the tests use to prove the tables (write with ours, read with theirs).
+`cond_stage_model.transformer.text_model.*` (CLIP text encoder). SDXL files (Stability-AI's sgm
+code) hold two encoders instead: `conditioner.embedders.0.transformer.text_model.*` (CLIP ViT-L, HF
+layout) and `conditioner.embedders.1.model.*` (OpenCLIP ViT-bigG in open_clip's layout). The name
+tables below are built from a model's config, block by block, so they fit SD1.x, SD2.x, the SDXL
+family (SDXL, SSD-1B, Vega) and our tiny teachers alike. Writing goes through safetensors at the
+edge; reading goes through diffusers' own `from_single_file`, which the tests use to prove the
+tables (write with ours, read with theirs).
 
 What `StableDiffusionPipeline.from_single_file` needs to work offline (diffusers 0.42, read from
 `diffusers/loaders/single_file.py`, `single_file_model.py`, `single_file_utils.py`):
@@ -26,8 +29,9 @@ What `StableDiffusionPipeline.from_single_file` needs to work offline (diffusers
   loader never loads a safety checker, and without these the pipeline warns or needs a
   `feature_extractor/` folder it has no use for.
 - diffusers finds the CLIP text encoder only under `cond_stage_model.transformer.text_model.*`
-  (SD1); other keys make it fall back to `<config>/text_encoder/diffusion_pytorch_model.*`, which
-  a transformers folder lacks, so it fails with "Weights for this component appear to be
+  (SD1) or SDXL's two `conditioner.embedders.*` (it converts bigG with `convert_open_clip_checkpoint`,
+  telling the encoders apart by width); other keys make it fall back to
+  `<config>/text_encoder/diffusion_pytorch_model.*`, which a transformers folder lacks, so it fails with "Weights for this component appear to be
   missing". A UNet / VAE tensor missing from the file stays on the meta device and fails later
   with "Cannot copy out of meta tensor". `load_single_file_pipeline` refuses a file that lacks a
   whole part with a clear message instead; the tests load against a configs-only folder, so every
@@ -48,13 +52,18 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 CLIP_INNER_PREFIX = "text_model."  # in SD1 files; transformers >= 5.6 dropped it from CLIPTextModel's own keys
+# SDXL (Stability-AI/generative-models sgm GeneralConditioner; kohya library/sdxl_model_util.py): CLIP ViT-L in the
+# HF layout, OpenCLIP ViT-bigG in its own.
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
-# Which top-level key prefixes mean a file holds each part (SD1, SD2 and SDXL layouts).
+# Which top-level key prefixes mean a file holds each part.
 PART_PREFIXES = {
     "unet": (UNET_PREFIX,),
     "vae": (VAE_PREFIX,),
-    "text_encoder": ("cond_stage_model.", "conditioner.embedders."),
+    "text_encoder": ("cond_stage_model.",),
 }
+SDXL_PART_PREFIXES = {**PART_PREFIXES, "text_encoder": (SDXL_CLIP_PREFIX,), "text_encoder_2": (SDXL_OPEN_CLIP_PREFIX,)}
 
 # --- UNet -------------------------------------------------------------------------------------
 
@@ -81,7 +90,8 @@ UNET_DEFAULTS = {
 
 UNET_DOWN_BLOCKS = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # type -> has attention
 UNET_UP_BLOCKS = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
-UNET_MID_BLOCKS = ("UNetMidBlock2DCrossAttn",)
+# mid block type -> has attention: SSD-1B and Segmind Vega keep one resnet (UNetMidBlock2D, diffusers PR #5400).
+UNET_MID_BLOCKS = {"UNetMidBlock2DCrossAttn": True, "UNetMidBlock2D": False}
 
 # Config values whose modules have no agreed LDM name: refuse them rather than write a file no tool reads.
 UNET_UNSUPPORTED = {
@@ -149,11 +159,28 @@ VAE_MID_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v"
 # LDM's AttnBlock uses 1x1 convolutions where diffusers uses Linear: 4-D weights in the file.
 VAE_CONV_ATTENTION_LEAVES = ("q", "k", "v", "proj_out")
 
+# --- OpenCLIP text encoder (SDXL's bigG) ---------------------------------------------------------
+
+# transformers CLIPTextModelWithProjection -> open_clip TextTransformer, as diffusers' single_file_utils.py
+# (DIFFUSERS_TO_LDM_MAPPING["openclip"], convert_open_clip_checkpoint) and kohya's sdxl_model_util.py
+# (convert_text_encoder_2_state_dict_to_sdxl) pair them.
+OPEN_CLIP_FIXED = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+OPEN_CLIP_PROJECTION = ("text_projection.weight", "text_projection")  # open_clip computes x @ P: P is weight.T
+OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPEN_CLIP_FUSED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # nn.MultiheadAttention's in_proj
+
 # --- Loading ----------------------------------------------------------------------------------
 
 # kwargs that make from_single_file ignore the config folder (its legacy path).
 LEGACY_LOAD_KWARGS = ("prediction_type", "scheduler_type", "original_config", "original_config_file")
 LOAD_DEFAULTS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+SDXL_LOAD_DEFAULTS = {"feature_extractor": None, "image_encoder": None}  # StableDiffusionXLPipeline has no checker
 OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]  # what diffusers fetches for configs
 
@@ -243,25 +270,36 @@ def _unet_down_names(config: dict) -> dict[str, str]:
 
 def _unet_mid_names(config: dict) -> dict[str, str]:
     channels = config["block_out_channels"][-1]
+    names = _unet_resnet("mid_block.resnets.0", "middle_block.0", channels, channels)
+    if not UNET_MID_BLOCKS[config["mid_block_type"]]:
+        return names  # one resnet and nothing else: SSD-1B and Vega files have only middle_block.0
     depths = _spread(config["transformer_layers_per_block"], len(config["down_block_types"]))
     depth = _spread(depths[-1], 1)[0]  # the mid block takes the last (deepest) block's depth
-    return (_unet_resnet("mid_block.resnets.0", "middle_block.0", channels, channels)
+    return (names
             | _spatial_transformer("mid_block.attentions.0", "middle_block.1", depth)
             | _unet_resnet("mid_block.resnets.1", "middle_block.2", channels, channels))
+
+
+def up_block_depths(unet_config: dict) -> list[list[int]]:
+    """The transformer depth of every layer of every up block: `reverse_transformer_layers_per_block` where the up
+    path is not the down path reversed (SSD-1B: [[4, 4, 10], [2, 1, 1], ...]), else the down depths reversed."""
+    config = _with_defaults(unet_config, UNET_DEFAULTS)
+    n = len(config["up_block_types"])
+    layers = list(reversed(_spread(config["layers_per_block"], n)))
+    depths = config["reverse_transformer_layers_per_block"] or list(
+        reversed(_spread(config["transformer_layers_per_block"], n)))
+    # each up block has one layer more than its down block: it also takes the downsampler's skip
+    return [_spread(depths[b], layers[b] + 1) for b in range(n)]
 
 
 def _unet_up_names(config: dict) -> dict[str, str]:
     channels, types = list(reversed(config["block_out_channels"])), list(config["up_block_types"])
     n = len(types)
-    layers = list(reversed(_spread(config["layers_per_block"], n)))
-    depths = config["reverse_transformer_layers_per_block"] or list(
-        reversed(_spread(config["transformer_layers_per_block"], n)))
     names, index, out_channels = {}, 0, channels[0]
-    for b, block_type in enumerate(types):
+    for b, (block_type, block_depths) in enumerate(zip(types, up_block_depths(config))):
         prev_channels, out_channels = out_channels, channels[b]
         skip_channels = channels[min(b + 1, n - 1)]  # the skip saved before the matching down block
-        num_layers = layers[b] + 1  # one more than down: it also takes the downsampler's skip
-        block_depths = _spread(depths[b], num_layers)
+        num_layers = len(block_depths)
         has_attention = UNET_UP_BLOCKS[block_type]
         for layer in range(num_layers):
             ldm = f"output_blocks.{index}"
@@ -361,9 +399,10 @@ def vae_ldm_key(diffusers_param_key: str, names: dict[str, str]) -> str:
     return _ldm_key(diffusers_param_key, names, VAE_PREFIX, "VAE")
 
 
-def text_encoder_ldm_key(hf_key: str) -> str:
-    """A CLIPTextModel key (with or without `text_model.`) -> `cond_stage_model.transformer.text_model.<...>`."""
-    return CLIP_PREFIX + (hf_key if hf_key.startswith(CLIP_INNER_PREFIX) else CLIP_INNER_PREFIX + hf_key)
+def text_encoder_ldm_key(hf_key: str, prefix: str = CLIP_PREFIX) -> str:
+    """A CLIPTextModel key (with or without `text_model.`) -> `cond_stage_model.transformer.text_model.<...>`
+    (SD1), or under SDXL's `conditioner.embedders.0.transformer.`."""
+    return prefix + (hf_key if hf_key.startswith(CLIP_INNER_PREFIX) else CLIP_INNER_PREFIX + hf_key)
 
 
 # ===== state dicts =============================================================================
@@ -386,28 +425,50 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD1's OpenAI CLIP only: SD2's OpenCLIP and SDXL's two encoders use other layouts."""
+def text_encoder_to_ldm(text_encoder, prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """OpenAI CLIP ViT-L (SD1's encoder, SDXL's first) in the HF layout under `prefix`; SD2's OpenCLIP is refused."""
     kind = type(text_encoder).__name__
     if kind != "CLIPTextModel":
-        raise NotImplementedError(f"text encoder {kind}: only SD1's CLIPTextModel (cond_stage_model.transformer.*) "
-                                  "is written; SDXL's conditioner.embedders.* layout is not supported.")
+        raise NotImplementedError(f"text encoder {kind}: only a CLIPTextModel is written under {prefix}*.")
     if getattr(text_encoder.config, "hidden_act", "quick_gelu") != "quick_gelu":
         # SD2's OpenCLIP ViT-H, converted to HF CLIP, is the only gelu one; its original layout is
         # cond_stage_model.model.* with fused in_proj weights.
         raise NotImplementedError("text encoder looks like SD2's OpenCLIP (hidden_act "
                                   f"{text_encoder.config.hidden_act!r}); its cond_stage_model.model.* layout "
                                   "is not supported.")
-    return {text_encoder_ldm_key(k): v for k, v in text_encoder.state_dict().items()}
+    return {text_encoder_ldm_key(k, prefix): v for k, v in text_encoder.state_dict().items()}
 
 
-def pipeline_to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """UNet + VAE + CLIP text encoder as one state dict in the original SD1 key layout."""
-    if unet.config.get("addition_embed_type") == "text_time":
-        raise NotImplementedError("SDXL pipelines need both text encoders under conditioner.embedders.*, which is "
-                                  "not supported; unet_ldm_names() does cover the SDXL UNet.")
-    merged = unet_to_ldm(unet) | vae_to_ldm(vae) | text_encoder_to_ldm(text_encoder)
-    if len(merged) != sum(len(part.state_dict()) for part in (unet, vae, text_encoder)):
+def open_clip_to_ldm(text_encoder_2, prefix: str = SDXL_OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SDXL's CLIPTextModelWithProjection (OpenCLIP bigG converted to HF) back in open_clip's layout under `prefix`:
+    q, k, v fused into one in_proj, the projection transposed."""
+    state = text_encoder_2.state_dict()
+    hf_projection, projection = OPEN_CLIP_PROJECTION
+    out = {prefix + ldm: state[hf] for hf, ldm in OPEN_CLIP_FIXED.items()}
+    out[prefix + projection] = state[hf_projection].T
+    for i in range(text_encoder_2.config.num_hidden_layers):
+        hf, ldm = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for param in ("weight", "bias"):
+            out[f"{ldm}attn.in_proj_{param}"] = torch.cat([state[f"{hf}{qkv}.{param}"] for qkv in OPEN_CLIP_FUSED])
+            out |= {f"{ldm}{name}.{param}": state[f"{hf}{hf_name}.{param}"]
+                    for hf_name, name in OPEN_CLIP_LAYER.items()}
+    if len(out) != len(state) - 4 * text_encoder_2.config.num_hidden_layers:  # 6 q/k/v tensors became 2 per layer
+        raise KeyError("text encoder 2 has parameters the open_clip layout does not name (a LoRA attached? fuse "
+                       "and unload it first).")
+    return out
+
+
+def pipeline_to_ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """UNet + VAE + text encoder(s) as one state dict in the original layout: SD1's, or SDXL's (both encoders)."""
+    sdxl = unet.config.get("addition_embed_type") == "text_time"
+    if sdxl != (text_encoder_2 is not None):
+        raise ValueError("an SDXL UNet comes with two text encoders (text_encoder_2 = OpenCLIP bigG), an SD1 or "
+                         f"SD2 UNet with one; got a {'SDXL' if sdxl else 'non-SDXL'} UNet and "
+                         f"{'one' if text_encoder_2 is None else 'two'}.")
+    text = (text_encoder_to_ldm(text_encoder, SDXL_CLIP_PREFIX) | open_clip_to_ldm(text_encoder_2) if sdxl
+            else text_encoder_to_ldm(text_encoder))
+    merged = unet_to_ldm(unet) | vae_to_ldm(vae) | text
+    if len(merged) != len(unet.state_dict()) + len(vae.state_dict()) + len(text):
         raise AssertionError("two parameters were given the same LDM name: a name table is wrong")
     return merged
 
@@ -416,8 +477,8 @@ def pipeline_to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tenso
 
 
 def save_single_file(pipe, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write a StableDiffusionPipeline as one SD1-layout .safetensors (temp name, then rename)."""
-    state = pipeline_to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
+    """Write a StableDiffusion(XL)Pipeline as one original-layout .safetensors (temp name, then rename)."""
+    state = pipeline_to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     # .contiguous(): the VAE attention weights are reshaped views; safetensors wants dense CPU tensors.
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     return save_safetensors_atomic(tensors, Path(path), {"format": "pt", **(metadata or {})})
@@ -466,50 +527,92 @@ def config_folder(config: str | Path | None, checkpoint: str | Path) -> Path:
 
 
 def single_file_problems(path: str | Path, config: str | Path | None, allow_pickle_weights: bool = False) -> list[str]:
-    """What stops a single-file checkpoint from loading offline, found before any weight is read."""
+    """What stops a single-file checkpoint from loading offline (no file, no config folder, a folder of another
+    family, the SDXL refiner), found before any weight is read."""
     checkpoint = Path(path)
     if checkpoint.suffix != ".safetensors" and not allow_pickle_weights:
         return [f"{checkpoint}: a pickle checkpoint ({checkpoint.suffix}) can run code when loaded; convert it "
                 "to .safetensors (training also takes --allow_pickle_weights for files you trust)."]
     if not checkpoint.is_file():
         return [f"{checkpoint}: no such file."]  # diffusers would take it for a hub path
-    problems = []
     try:
-        config_folder(config, checkpoint)
+        folder = config_folder(config, checkpoint)
+        described = folder_family(folder)
     except ConfigError as err:
-        problems.append(str(err))
-    return problems
+        return [str(err)]
+    return _family_problems(checkpoint, folder, described)
 
 
-def _missing_parts(checkpoint: Path) -> list[str]:
+def folder_family(folder: Path) -> str:
+    """The base model family a config folder's UNet describes (families.FAMILIES); the SDXL refiner is refused."""
+    from diffusers import UNet2DConditionModel
+
+    from .families import model_family, refiner_problem
+
+    unet_config = dict(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+    problem = refiner_problem(unet_config, folder)
+    if problem:
+        raise ConfigError(problem)
+    return model_family(unet_config)
+
+
+def _family_problems(checkpoint: Path, folder: Path, described: str) -> list[str]:
+    """A checkpoint of another family than its config folder: diffusers would build the folder's UNet and fail on
+    the first tensor of another shape, or, SSD-1B read as SDXL, on missing blocks."""
+    from .families import FAMILY_NAMES, SDXL_FAMILY, single_file_family
+
+    keys = _checkpoint_keys(checkpoint)
+    if keys is None:
+        return []
+    try:
+        actual = single_file_family(keys)
+    except ConfigError as err:
+        return [str(err)]
+    if actual != described and (actual in SDXL_FAMILY or described in SDXL_FAMILY):  # SD1 / SD2 differ in encoders
+        return [f"{checkpoint} is {FAMILY_NAMES[actual]}, but the config folder {folder} describes "
+                f"{FAMILY_NAMES[described]}: give the folder of the model it was fine-tuned from."]
+    return []
+
+
+def _checkpoint_keys(checkpoint: Path) -> list[str] | None:
+    """The tensor names of a .safetensors file, read from its header; None for a pickle file (never opened here)."""
     from safetensors import safe_open
 
+    if checkpoint.suffix != ".safetensors":
+        return None
     with safe_open(str(checkpoint), "pt") as f:
-        keys = list(f.keys())
-    return [part for part, prefixes in PART_PREFIXES.items() if not any(k.startswith(prefixes) for k in keys)]
+        return list(f.keys())
+
+
+def _missing_parts(keys: list[str], part_prefixes: dict[str, tuple[str, ...]]) -> list[str]:
+    return [part for part, prefixes in part_prefixes.items() if not any(k.startswith(prefixes) for k in keys)]
 
 
 def load_single_file_pipeline(path: str | Path, config: str | Path | None,
                               torch_dtype: torch.dtype = torch.float32, *, allow_pickle_weights: bool = False,
                               **components):
-    """A StableDiffusionPipeline from an SD1/SD2-layout .safetensors, built offline from `config`'s configs.
+    """A StableDiffusionPipeline (SD1/SD2) or StableDiffusionXLPipeline (SDXL, SSD-1B, Vega) from an original-layout
+    .safetensors, built offline from `config`'s configs; the family comes from the folder's UNet config and must be
+    the checkpoint's.
 
     `config`: a local diffusers pipeline folder (configs suffice), a bundled teacher's name, or a hub
     id already in the local cache. `components` (e.g. `scheduler=DDIMScheduler(...)`, `vae=...`)
     replace the file's or the folder's parts. A .ckpt / .pt file (a pickle, which can run code when
     loaded) is refused unless `allow_pickle_weights`. Calls, in effect::
 
-        StableDiffusionPipeline.from_single_file(path, config=<folder>, local_files_only=True,
-            torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, **components)
+        StableDiffusion[XL]Pipeline.from_single_file(path, config=<folder>, local_files_only=True,
+            torch_dtype=torch_dtype, feature_extractor=None, **components)
+
+    plus `safety_checker=None, requires_safety_checker=False` for SD1/SD2, `image_encoder=None` for SDXL.
 
     The VAE's scaling_factor and the scheduler come from the folder. See the module docstring for
     the kwargs that must not be passed (prediction_type, scheduler_type, original_config).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .families import SDXL_FAMILY
 
     checkpoint = Path(path)
-    pickle = checkpoint.suffix != ".safetensors"
     problems = single_file_problems(checkpoint, config, allow_pickle_weights)
     if problems:
         raise ConfigError(" ".join(problems))
@@ -518,11 +621,14 @@ def load_single_file_pipeline(path: str | Path, config: str | Path | None,
         raise ConfigError(f"{', '.join(legacy)}: these make diffusers ignore the config folder's scheduler; pass a "
                           "configured scheduler instead (scheduler=DDIMScheduler.from_pretrained(...)).")
     folder = config_folder(config, checkpoint)
-    missing = [] if pickle else [part for part in _missing_parts(checkpoint) if part not in components]
+    sdxl = folder_family(folder) in SDXL_FAMILY
+    keys = _checkpoint_keys(checkpoint)
+    missing = [] if keys is None else [part for part in _missing_parts(keys, SDXL_PART_PREFIXES if sdxl else
+                                                                        PART_PREFIXES) if part not in components]
     if missing:
         raise ConfigError(f"{checkpoint} has no {', '.join(missing)} weights, which diffusers reports only as an "
                           f"unclear error later. Pass the part explicitly ({missing[0]}=...).")
-    return StableDiffusionPipeline.from_single_file(
-        str(checkpoint), config=str(folder), local_files_only=True, torch_dtype=torch_dtype,
-        **{**LOAD_DEFAULTS, **components},
-    )
+    pipeline, defaults = (StableDiffusionXLPipeline, SDXL_LOAD_DEFAULTS) if sdxl else (StableDiffusionPipeline,
+                                                                                       LOAD_DEFAULTS)
+    return pipeline.from_single_file(str(checkpoint), config=str(folder), local_files_only=True,
+                                     torch_dtype=torch_dtype, **{**defaults, **components})

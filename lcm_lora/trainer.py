@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 from . import export
 from .checkpoint import (DataPosition, TrainingStopped, checkpoint_step, checkpoints, register_lora_checkpointing,
                          save_checkpoint)
-from .config import ConfigError, OptimArgs, TrainConfig, to_yaml
+from .conditioning import Cond, encode_text, fixed_time_ids, time_ids, uncond_for, unet_kwargs
+from .config import ConfigError, DataArgs, OptimArgs, TrainConfig, to_yaml
 from .data import BadSampleLog, DataError, load_source, make_dataloader
 from .data.cache import make_cached_dataloader, read_manifest, sample_latents
-from .data.loader import tokenize
+from .data.loader import input_ids_key, tokenize
 from .data.shards import make_shard_dataloader
 from .distill import lcd_loss
-from .models import (TargetEMA, Teacher, adapter_disabled, attach_lora, load_teacher, teacher_fingerprint,
+from .models import (TargetEMA, Teacher, adapter_disabled, attach_lora, is_sdxl, load_teacher, teacher_fingerprint,
                      teacher_problems)
 from .run_dir import OutputLock, RunPlan, plan_run, remove_earlier_run
 from .schedule import ddim_timesteps
@@ -62,9 +63,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 def prepare_models(config: TrainConfig, teacher: Teacher, accelerator: Accelerator) -> torch.nn.Module:
     """Freeze encoders in the run's dtype; put an fp32 LoRA on the UNet; set speed switches."""
     dtype, device = WEIGHT_DTYPES[config.run.mixed_precision], accelerator.device
-    for module in (teacher.vae, teacher.text_encoder):
-        if module is not None:  # None when training from cached encodings
-            module.requires_grad_(False).to(device, dtype).eval()
+    for module in teacher.text_encoders:  # none when training from cached encodings
+        module.requires_grad_(False).to(device, dtype).eval()
+    if teacher.vae is not None:
+        teacher.vae.requires_grad_(False).to(device, vae_dtype(teacher, dtype)).eval()
     unet = attach_lora(teacher.unet.to(device, dtype), config.lora)
     if config.run.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -78,6 +80,15 @@ def prepare_models(config: TrainConfig, teacher: Teacher, accelerator: Accelerat
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return unet
+
+
+def vae_dtype(teacher: Teacher, dtype: torch.dtype) -> torch.dtype:
+    """The SDXL VAE overflows in fp16 (NaN latents: kohya-ss/sd-scripts#881), so under fp16 an SDXL-family VAE
+    encodes in fp32 unless its config says it is safe (`force_upcast: false`, as madebyollin/sdxl-vae-fp16-fix
+    sets it), the rule diffusers' SDXL pipeline applies when it decodes."""
+    if dtype == torch.float16 and is_sdxl(teacher.unet.config) and teacher.vae.config.get("force_upcast", True):
+        return torch.float32
+    return dtype
 
 
 def make_optimizer(params: list[torch.nn.Parameter], o: OptimArgs) -> torch.optim.AdamW:
@@ -135,14 +146,14 @@ def unet_fns(unet, raw_unet, dtype: torch.dtype):
     """
 
     def student(z, t, c):
-        return unet(z.to(dtype), t, encoder_hidden_states=c, return_dict=False)[0].float()
+        return unet(z.to(dtype), t, **unet_kwargs(c, dtype), return_dict=False)[0].float()
 
     def teacher(z, t, c):
         with adapter_disabled(raw_unet):
-            return raw_unet(z.to(dtype), t, encoder_hidden_states=c, return_dict=False)[0].float()
+            return raw_unet(z.to(dtype), t, **unet_kwargs(c, dtype), return_dict=False)[0].float()
 
     def target(z, t, c):
-        return raw_unet(z.to(dtype), t, encoder_hidden_states=c, return_dict=False)[0].float()
+        return raw_unet(z.to(dtype), t, **unet_kwargs(c, dtype), return_dict=False)[0].float()
 
     return student, teacher, target
 
@@ -158,20 +169,39 @@ def ema_target(target, ema: TargetEMA):
 
 
 @torch.no_grad()
-def encode_batch(teacher: Teacher, batch: dict, device, dtype: torch.dtype,
-                 scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x0 = scaled VAE latent sample (fp32) and c = CLIP last hidden state, from pixels and token ids
-    or from cached encodings (the same posterior sample, drawn from the stored distribution)."""
+def encode_batch(teacher: Teacher, batch: dict, device, scaling_factor: float, d: DataArgs) -> tuple[torch.Tensor, Cond]:
+    """x0 = scaled VAE latent sample (fp32) and the conditioning c (lcm_lora.conditioning), from pixels and token
+    ids or from cached encodings (the same posterior sample, drawn from the stored distribution). SDXL's time ids
+    are the inference default (--use_fix_crop_and_size) or each image's real size and flip-corrected crop."""
     if "latent_parameters" in batch:
-        return (sample_latents(batch["latent_parameters"].to(device), scaling_factor),
-                batch["encoder_hidden_states"].to(device, dtype))
-    pixels = batch["pixel_values"].to(device, dtype)
-    x0 = teacher.vae.encode(pixels).latent_dist.sample().float() * scaling_factor
-    return x0, teacher.text_encoder(batch["input_ids"].to(device))[0]
+        x0 = sample_latents(batch["latent_parameters"].to(device), scaling_factor)
+        c = {"context": batch["encoder_hidden_states"].to(device)}
+        if "pooled_embeds" in batch:
+            c["pooled"] = batch["pooled_embeds"].to(device)
+    else:
+        x0 = teacher.vae.encode(batch["pixel_values"].to(device, teacher.vae.dtype)).latent_dist.sample().float()
+        x0 = x0 * scaling_factor
+        ids = tuple(batch[input_ids_key(i)].to(device) for i in range(len(teacher.text_encoders)))
+        c = encode_text(teacher.text_encoders, ids)
+    if "pooled" in c:
+        c["time_ids"] = (fixed_time_ids(d.resolution, len(x0)) if d.use_fix_crop_and_size else
+                         time_ids(batch["original_size"], batch["crop_top_left"], (d.resolution, d.resolution)))
+        c["time_ids"] = c["time_ids"].to(device)
+    if not torch.isfinite(x0).all():  # the step's loss is then non-finite too, and NonFiniteGuard skips it
+        logger.warning("non-finite VAE latents in this batch: the update is skipped. Encode in fp32 or bf16, or give "
+                       "an fp16-safe VAE with --pretrained_vae_model_name_or_path.")
+    return x0, c
+
+
+@torch.no_grad()
+def empty_prompt(teacher: Teacher, device) -> Cond:
+    """The empty prompt's conditioning [1, ...], for the teacher's uncond branch."""
+    return encode_text(teacher.text_encoders, tuple(tokenize(t, [""]).to(device) for t in teacher.tokenizers))
 
 
 def make_data(config: TrainConfig, teacher: Teacher, accelerator: Accelerator):
-    """(data loader, empty-prompt embedding or None, VAE scaling factor) for images, shards or a cache.
+    """(data loader, the cache's empty-prompt conditioning or None, VAE scaling factor) for images, shards or a
+    cache.
 
     Map-style loaders go through `accelerator.prepare` (it shards them by rank); a shard stream splits
     its shards by rank itself and is not wrapped (Accelerate would read every shard on the main process)."""
@@ -181,10 +211,10 @@ def make_data(config: TrainConfig, teacher: Teacher, accelerator: Accelerator):
         loader, empty = make_cached_dataloader(d, manifest, o.train_batch_size, seed)
         return accelerator.prepare(loader), empty, manifest["scaling_factor"]
     if d.train_shards_path_or_url:
-        loader = make_shard_dataloader(d, teacher.tokenizer, o.train_batch_size, seed, accelerator.process_index,
+        loader = make_shard_dataloader(d, teacher.tokenizers, o.train_batch_size, seed, accelerator.process_index,
                                        accelerator.num_processes)
         return loader, None, teacher.vae.config.scaling_factor
-    loader = make_dataloader(load_source(d), teacher.tokenizer, d, o.train_batch_size, seed)
+    loader = make_dataloader(load_source(d), teacher.tokenizers, d, o.train_batch_size, seed)
     return accelerator.prepare(loader), None, teacher.vae.config.scaling_factor
 
 
@@ -336,17 +366,15 @@ def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator) -> Pat
     o = config.optim
     lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=o.max_train_steps * accelerator.num_processes)
-    dataloader, c_uncond, scaling_factor = make_data(config, teacher, accelerator)
+    dataloader, cached_empty, scaling_factor = make_data(config, teacher, accelerator)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     register_lora_checkpointing(accelerator)
 
     device, dtype = accelerator.device, WEIGHT_DTYPES[config.run.mixed_precision]
     alphas_cumprod = teacher.noise_scheduler.alphas_cumprod.to(device, torch.float32)
     tau = ddim_timesteps(teacher.noise_scheduler.config.num_train_timesteps, config.distill.num_ddim_timesteps).to(device)
-    if c_uncond is None:
-        with torch.no_grad(), accelerator.autocast():
-            c_uncond = teacher.text_encoder(tokenize(teacher.tokenizer, [""]).to(device))[0]
-    c_uncond = c_uncond.to(device, dtype)
+    with torch.no_grad(), accelerator.autocast():  # the uncond branch's prompt; SDXL's pipeline may use zeros
+        empty = None if teacher.force_zeros_for_empty_prompt else cached_empty or empty_prompt(teacher, device)
     bad_samples = BadSampleLog(config.data.max_bad_samples_fraction)
     student, teacher_fn, target = unet_fns(unet, accelerator.unwrap_model(unet), dtype)
     ema = TargetEMA(trainable, config.distill.ema_decay) if config.distill.ema_decay else None
@@ -385,8 +413,8 @@ def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator) -> Pat
         for batch in batches:
             # Accumulate gradients.
             with accelerator.accumulate(unet), accelerator.autocast():
-                x0, c = encode_batch(teacher, batch, device, dtype, scaling_factor)
-                loss = lcd_loss(student, teacher_fn, target, x0, c, c_uncond.expand_as(c), alphas_cumprod, tau,
+                x0, c = encode_batch(teacher, batch, device, scaling_factor, config.data)
+                loss = lcd_loss(student, teacher_fn, target, x0, c, uncond_for(c, empty), alphas_cumprod, tau,
                                 config.distill, teacher.prediction_type).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # the optimizer step; skipped if anything is not finite

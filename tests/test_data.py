@@ -48,6 +48,20 @@ def test_resize_crop_and_flip():
     assert len(crops) > 1
 
 
+def test_a_flipped_crop_reports_its_left_edge_in_the_flipped_image():
+    """SDXL conditions on the crop's top-left: after a flip, a crop at columns 10..60 of the 100-wide resized
+    ramp is at columns 40..90 of the image trained on."""
+    image = Image.fromarray(np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (100, 1, 3)))
+    for seed in range(40):
+        pixels, geometry = preprocess_image(image, 50, center_crop=False, random_flip=True, rng=random.Random(seed))
+        same, _ = preprocess_image(image, 50, center_crop=False, random_flip=False, rng=random.Random(seed))
+        top, left = geometry["crop_top_left"]
+        unflipped_left = 100 - 50 - left if geometry["flipped"] else left
+        assert top == 0 and 0 <= left <= 50
+        assert torch.equal(pixels, same.flip(-1) if geometry["flipped"] else same)
+        assert abs(float(same[0, 0, 0]) - (2 * unflipped_left * 2 / 255 - 1)) < 0.05  # ramp value = column
+
+
 def test_captions_pick_from_lists_and_empty_a_proportion():
     rng = random.Random(0)
     assert {pick_caption(["a", "b"], 0.0, rng) for _ in range(50)} == {"a", "b"}

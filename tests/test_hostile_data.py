@@ -162,7 +162,8 @@ def _resize_then_crop(image: Image.Image, resolution: int, center_crop: bool, ra
     if flipped:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-    return pixels, {"original_size": (h, w), "crop_top_left": (box[1], box[0]), "flipped": flipped}
+    left = new_size[0] - box[2] if flipped else box[0]  # the crop as seen in the flipped image
+    return pixels, {"original_size": (h, w), "crop_top_left": (box[1], left), "flipped": flipped}
 
 
 def _noise(w: int, h: int, seed: int) -> Image.Image:

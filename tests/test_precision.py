@@ -38,7 +38,7 @@ def test_every_network_call_runs_in_the_requested_dtype(mode, tmp_path):
     batch = {"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1,
              "input_ids": teacher.tokenizer(["a red circle"] * 2, padding="max_length", return_tensors="pt").input_ids}
     with accelerator.autocast():
-        x0, c = encode_batch(teacher, batch, accelerator.device, dtype, teacher.vae.config.scaling_factor)
+        x0, c = encode_batch(teacher, batch, accelerator.device, teacher.vae.config.scaling_factor, config.data)
         loss = lcd_loss(student, teacher_fn, target, x0, c, c, teacher.noise_scheduler.alphas_cumprod.to(x0.device),
                         ddim_timesteps().to(x0.device), config.distill, teacher.prediction_type)
     accelerator.backward(loss.mean())

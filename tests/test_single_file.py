@@ -34,7 +34,19 @@ from lcm_lora.single_file import (
     vae_to_ldm,
 )
 
-from unet_shapes import SD15_UNET, SD21_UNET, SD_VAE, SDXL_UNET, TINY_SD15_UNET, TINY_SDXL_UNET, TINY_VAE
+from unet_shapes import (
+    SD15_UNET,
+    SD21_UNET,
+    SD_VAE,
+    SDXL_UNET,
+    SSD1B_UNET,
+    TINY_SD15_UNET,
+    TINY_SDXL_UNET,
+    TINY_SSD1B_UNET,
+    TINY_VAE,
+    TINY_VEGA_UNET,
+    VEGA_UNET,
+)
 
 TEACHER = resolve_teacher("teacher-eps")
 
@@ -70,8 +82,8 @@ def _meta_unet(config: dict) -> UNet2DConditionModel:
 # --- UNet table ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config, n_params", [(SD15_UNET, 686), (SD21_UNET, 686), (SDXL_UNET, 1680)],
-                         ids=["sd15", "sd21", "sdxl"])
+@pytest.mark.parametrize("config, n_params", [(SD15_UNET, 686), (SD21_UNET, 686), (SDXL_UNET, 1680), (SSD1B_UNET, 944),
+                                              (VEGA_UNET, 564)], ids=["sd15", "sd21", "sdxl", "ssd-1b", "vega"])
 def test_full_size_unet_tables_cover_every_parameter_and_convert_back(config, n_params):
     unet = _meta_unet(config)
     state = unet.state_dict()
@@ -113,11 +125,20 @@ def test_full_size_names_match_known_original_keys():
         "middle_block.1.transformer_blocks.9.attn2.to_k"
     assert "down_blocks.0.attentions.0.proj_in" not in sdxl  # SDXL's first block has no attention
 
+    ssd1b = unet_ldm_names(dict(_meta_unet(SSD1B_UNET).config))
+    assert ssd1b["mid_block.resnets.0.conv1"] == "middle_block.0.in_layers.2"  # the middle is one resnet
+    assert not [name for name in ssd1b.values() if name.startswith(("middle_block.1", "middle_block.2"))]
+    assert ssd1b["up_blocks.0.attentions.2.transformer_blocks.9.attn1.to_q"] == \
+        "output_blocks.2.1.transformer_blocks.9.attn1.to_q"  # up depths [4, 4, 10], not the down path's 4
+    assert "up_blocks.0.attentions.1.transformer_blocks.4.attn1.to_q" not in ssd1b
+    assert "up_blocks.1.attentions.1.transformer_blocks.1.attn1.to_q" not in ssd1b  # [2, 1, 1]
+
     key = unet_ldm_key("down_blocks.0.resnets.0.conv1.weight", sd15)
     assert key == "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
 
 
-@pytest.mark.parametrize("config", [TINY_SD15_UNET, TINY_SDXL_UNET], ids=["sd15", "sdxl"])
+@pytest.mark.parametrize("config", [TINY_SD15_UNET, TINY_SDXL_UNET, TINY_SSD1B_UNET, TINY_VEGA_UNET],
+                         ids=["sd15", "sdxl", "ssd-1b", "vega"])
 def test_tiny_unet_converts_back_to_the_same_tensors(config):
     unet = _randomise(UNet2DConditionModel.from_config(config))
     names = unet_ldm_names(dict(unet.config))
@@ -172,13 +193,13 @@ def test_text_encoder_keys_carry_text_model_whatever_transformers_calls_them():
     assert text_encoder_ldm_key("text_model.embeddings.position_embedding.weight") == original  # older
 
 
-def test_sd2_and_sdxl_text_encoders_are_refused_clearly():
+def test_sd2_text_encoders_and_sdxl_unets_with_one_encoder_are_refused_clearly():
     pipe = StableDiffusionPipeline.from_pretrained(TEACHER, safety_checker=None)
     openclip_like = CLIPTextModel(CLIPTextConfig(**{**pipe.text_encoder.config.to_dict(), "hidden_act": "gelu"}))
     with pytest.raises(NotImplementedError, match="OpenCLIP"):
         pipeline_to_ldm_state_dict(pipe.unet, pipe.vae, openclip_like)
-    sdxl_unet = UNet2DConditionModel.from_config(TINY_SDXL_UNET)
-    with pytest.raises(NotImplementedError, match="SDXL"):
+    sdxl_unet = UNet2DConditionModel.from_config(TINY_SDXL_UNET)  # SDXL pipelines: tests/test_sdxl_files.py
+    with pytest.raises(ValueError, match="an SDXL UNet comes with two text encoders"):
         pipeline_to_ldm_state_dict(sdxl_unet, pipe.vae, pipe.text_encoder)
 
 

@@ -16,13 +16,16 @@ from safetensors.torch import load_file, save_file
 
 from lcm_lora import export, formats
 from lcm_lora.config import LoraArgs
+from lcm_lora.families import SDXL_FAMILY
 from lcm_lora.models import attach_lora, lora_config, resolve_teacher, unet_module_paths
 from lcm_lora.single_file import UNET_PREFIX, unet_ldm_names, unet_to_ldm
 from lora_helpers import randomize_lora
-from unet_shapes import SD15_UNET, SDXL_UNET, TINY_SD15_UNET, TINY_SDXL_UNET
+from unet_shapes import SD15_UNET, SDXL_UNET, TINY_SD15_UNET, TINY_SDXL_UNET, TINY_SSD1B_UNET, TINY_VEGA_UNET
 
 TINY_TEACHER_UNET = dict(UNet2DConditionModel.load_config(resolve_teacher("teacher-eps"), subfolder="unet"))
-CONFIGS = {"sd15": TINY_SD15_UNET, "sdxl": TINY_SDXL_UNET, "tiny-teacher": TINY_TEACHER_UNET}
+# SSD-1B and Vega: SDXL's blocks with one resnet in the middle, and (SSD-1B) an up path deeper than the down path.
+CONFIGS = {"sd15": TINY_SD15_UNET, "sdxl": TINY_SDXL_UNET, "ssd-1b": TINY_SSD1B_UNET, "vega": TINY_VEGA_UNET,
+           "tiny-teacher": TINY_TEACHER_UNET}
 
 
 def _unets(config: dict) -> tuple[UNet2DConditionModel, UNet2DConditionModel]:
@@ -110,7 +113,7 @@ def test_comfyui_loads_every_key_and_computes_the_students_weights(family, tmp_p
     patches, not_loaded = comfy_load(lora, comfy_key_map(ldm_state, converter_names(base)))
     assert not_loaded == []
     assert len(patches) == len(export.lora_modules(student))  # one patched weight per LoRA module
-    if family == "sdxl":
+    if family in SDXL_FAMILY:
         assert all(k.startswith("lora_unet_input_blocks_") or k.startswith(("lora_unet_middle_block_",
                    "lora_unet_output_blocks_")) for k in lora)  # sgm names (R3)
     # The patched checkpoint, read back by diffusers' converter, is the student.
@@ -155,7 +158,7 @@ def a1111_compvis_name(stem: str) -> str:
     return stem.replace("lora_unet", "diffusion_model")  # "SDXL loras seem to already have correct compvis keys"
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])  # A1111's index rules are SD1.5's layout; SDXL uses sgm names
+@pytest.mark.parametrize("family", ["sd15", *SDXL_FAMILY])  # A1111's index rules are SD1.5's; SDXL uses sgm names
 def test_a1111_maps_every_module_to_a_real_layer(family, tmp_path):
     base, student = _unets(CONFIGS[family])
     layers = {"diffusion_model_" + name.replace(".", "_") for name in converter_names(base).values()}
@@ -175,7 +178,7 @@ def invokeai_token_vector_length(lora: dict) -> int | None:
 
 @pytest.mark.parametrize("family, config, length, version", [
     ("sd15", TINY_SD15_UNET, 768, "SD1"),
-    ("sdxl", dict(TINY_SDXL_UNET, cross_attention_dim=2048), 2048, "SDXL"),
+    *[(family, dict(CONFIGS[family], cross_attention_dim=2048), 2048, "SDXL") for family in SDXL_FAMILY],
 ])
 def test_invokeai_and_a1111_recognise_the_base_model(family, config, length, version, tmp_path):
     _, student = _unets(config)
@@ -190,13 +193,13 @@ def test_invokeai_and_a1111_recognise_the_base_model(family, config, length, ver
 
 # -- diffusers' SDXL loader reads the sgm names (R3) ---------------------------------------------------
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", *SDXL_FAMILY])
 def test_diffusers_loaders_map_every_key_and_reproduce_the_student(family, tmp_path):
     """R7 on the real block layouts: each family's own diffusers loader (SDXL's maps the sgm names, R3)."""
     base, student = _unets(CONFIGS[family])
     lora = _kohya_file(student, tmp_path)
     save_file(lora, str(tmp_path / "lora.safetensors"))
-    if family == "sdxl":
+    if family in SDXL_FAMILY:
         state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(tmp_path / "lora.safetensors"),
                                                                        unet_config=base.config)
     else:

@@ -5,10 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline)
 from transformers import CLIPTokenizer
 
 from lcm_lora.world import assets
+from lcm_lora.world.architecture import SDXL_SCALING_FACTOR, SDXL_SCHEDULE
 from lcm_lora.world.dataset import write_imagefolder
 from lcm_lora.world.judge import accuracy, frechet_distance, judge_images, render_set
 from lcm_lora.world.quality import HELD_OUT_SEED, Scorer, generate, held_out_prompts, load_judge, real_baseline
@@ -90,12 +92,46 @@ def test_teacher_loads_offline_in_sd_layout(name, prediction_type):
     assert (config.num_train_timesteps, config.beta_start, config.beta_end) == (1000, 0.00085, 0.012)
     assert (config.beta_schedule, config.set_alpha_to_one, config.steps_offset) == ("scaled_linear", False, 1)
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert not _pickled_files(name)
+
+
+def test_sdxl_teacher_loads_offline_in_sdxl_layout():
+    pipe = StableDiffusionXLPipeline.from_pretrained(assets.resolve("teacher-sdxl"), local_files_only=True)
+    # Every key of SDXL base 1.0's scheduler config: a DDIM built from it must not fall back to clip_sample=True.
+    assert {key: pipe.scheduler.config[key] for key in SDXL_SCHEDULE} == SDXL_SCHEDULE
+    assert DDIMScheduler.from_config(pipe.scheduler.config).config.clip_sample is False
+    assert pipe.config.force_zeros_for_empty_prompt and pipe.vae.config.scaling_factor == SDXL_SCALING_FACTOR
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.get_vocab() == pipe.tokenizer_2.get_vocab()
+    assert not _pickled_files("teacher-sdxl")
+
+
+def _pickled_files(name: str) -> list[str]:
     files = [p.name for p in assets.resolve(name).rglob("*") if p.is_file()]
-    assert not [f for f in files if f.endswith((".bin", ".pt", ".ckpt", ".pkl"))], files
+    return [f for f in files if f.endswith((".bin", ".pt", ".ckpt", ".pkl"))]
 
 
-def test_vae_latents_have_unit_variance():
-    vae = StableDiffusionPipeline.from_pretrained(assets.resolve("teacher-eps"), safety_checker=None).vae
+def test_sdxl_teacher_is_trained_on_the_conditioning_its_pipeline_samples_with():
+    """build.sdxl_conditioning, what the teacher was trained on, against StableDiffusionXLPipeline's own encoding:
+    the same context and pooled text, zeros for a dropped caption as for the pipeline's negative, its time ids."""
+    from lcm_lora.world.build import caption_ids, sdxl_conditioning
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(assets.resolve("teacher-sdxl"), local_files_only=True)
+    captions = [s.caption for s in all_scenes()[:2]]
+    ids = tuple(caption_ids(tokenizer, captions)[0] for tokenizer in (pipe.tokenizer, pipe.tokenizer_2))
+    with torch.no_grad():
+        c = sdxl_conditioning((pipe.text_encoder, pipe.text_encoder_2), ids, torch.tensor([False, True]))
+    context, negative, pooled, negative_pooled = pipe.encode_prompt(captions, device="cpu")
+    assert torch.equal(c["context"][0], context[0]) and torch.equal(c["pooled"][0], pooled[0])
+    assert torch.equal(c["context"][1], negative[1]) and torch.equal(c["pooled"][1], negative_pooled[1])
+    assert not negative.any() and not negative_pooled.any()
+    time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    assert torch.equal(c["time_ids"], time_ids.expand(2, 6))
+
+
+@pytest.mark.parametrize("name", ["teacher-eps", "teacher-sdxl"])
+def test_vae_latents_have_unit_variance(name):
+    vae = AutoencoderKL.from_pretrained(assets.resolve(name) / "vae")
     _, images = render_set(range(HELD_OUT_SEED, HELD_OUT_SEED + 256))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
@@ -104,9 +140,9 @@ def test_vae_latents_have_unit_variance():
     assert 0.8 < latents.std().item() < 1.2
 
 
-@pytest.mark.parametrize("name", ["teacher-eps", "teacher-vpred"])
+@pytest.mark.parametrize("name", ["teacher-eps", "teacher-vpred", "teacher-sdxl"])
 def test_teacher_generates_deterministically_and_follows_prompts(name):
-    pipe = StableDiffusionPipeline.from_pretrained(assets.resolve(name), safety_checker=None)
+    pipe = DiffusionPipeline.from_pretrained(assets.resolve(name))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     scenes = held_out_prompts(1)[::4]  # 48 prompts covering every attribute value
@@ -121,12 +157,17 @@ def test_build_script_runs_end_to_end_with_tiny_settings(tmp_path):
     from lcm_lora.world.build import main
 
     main(["--out", str(tmp_path), "--judge_images", "64", "--judge_steps", "2", "--vae_steps", "2",
-          "--train_images", "64", "--teacher_steps", "2", "--stages", "judge", "vae", "teacher-vpred"])
+          "--train_images", "64", "--teacher_steps", "2", "--sdxl_teacher_steps", "2",
+          "--stages", "judge", "vae", "teacher-vpred", "teacher-sdxl"])
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher-vpred", safety_checker=None)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert {"vocab.json", "merges.txt"} <= {p.name for p in (tmp_path / "teacher-vpred" / "tokenizer").iterdir()}
+    sdxl = StableDiffusionXLPipeline.from_pretrained(tmp_path / "teacher-sdxl", local_files_only=True)
+    assert sdxl.scheduler.config.prediction_type == "epsilon" and sdxl.vae.config.scaling_factor == SDXL_SCALING_FACTOR
+    for tokenizer in ("teacher-vpred/tokenizer", "teacher-sdxl/tokenizer", "teacher-sdxl/tokenizer_2"):
+        assert {"vocab.json", "merges.txt"} <= {p.name for p in (tmp_path / tokenizer).iterdir()}
     info = json.loads((tmp_path / "build_info.json").read_text())
-    assert set(info["seconds"]) == {"judge", "vae", "teacher-vpred"} and info["recipe"]["teacher_steps"] == 2
+    assert set(info["seconds"]) == {"judge", "vae", "teacher-vpred", "teacher-sdxl"}
+    assert info["recipe"]["teacher_steps"] == info["recipe"]["sdxl_teacher_steps"] == 2
 
 
 def test_probe_separates_faithful_from_lossy_one_step_predictions():

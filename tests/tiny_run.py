@@ -1,6 +1,9 @@
 """The few-second training run that trainer tests vary: the bundled epsilon teacher at 64x64, rank 4."""
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -53,11 +56,28 @@ class TrainingProcess:
         """Until the progress bar shows a finished step: drawn from inside the loop, where stop handlers are set."""
         deadline = time.monotonic() + timeout
         while not re.search(rf"\| [1-9]\d*/{steps} ", self.log):
-            assert self.process.poll() is None, f"the run ended early:\n{self.log[-3000:]}"
-            assert time.monotonic() < deadline, self.log[-3000:]
+            if self.process.poll() is not None:
+                raise AssertionError(f"the run ended early:\n{self.log[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()  # a hung run must not outlive its test
+                raise AssertionError(f"no step after {timeout} s:\n{self.log[-3000:]}")
             time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL to the process, or with `session` to every process of its session (torchrun's ranks start
+        sessions of their own: those are found as the process's descendants)."""
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def finish(self, timeout: float = 300) -> int:
         self.process.wait(timeout=timeout)
         self.reader.join(timeout=60)
         return self.process.returncode
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux's /proc; elsewhere none are found)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    children = [int(child) for child in path.read_text().split()] if path.exists() else []
+    return children + [grandchild for child in children for grandchild in descendants(child)]

@@ -5,6 +5,7 @@
     cache_dir/shard-00000.safetensors
         latent_parameters [n, 2C, h, w]  the VAE posterior's (mean, logvar), as diffusers' latent_dist.parameters
         text_embeds [m, L, D]            every caption of every sample, in order
+        pooled_embeds [m, P]             SDXL only: each caption's pooled embedding (the second text encoder's)
         caption_offsets [n + 1]          sample i's captions are text_embeds[offsets[i]:offsets[i + 1]]
         original_size, crop_top_left [n, 2]
 
@@ -30,6 +31,9 @@ from .sources import DataError
 FORMAT = "lcm-lora-cache/1"
 MANIFEST = "manifest.json"
 EMPTY = "empty.safetensors"
+STORED_NAMES = {"context": "text_embeds", "pooled": "pooled_embeds"}  # conditioning key -> per-caption tensor
+EMPTY_NAMES = {"text_embeds": "empty_embed", "pooled_embeds": "empty_pooled"}  # the empty prompt's, in EMPTY
+BATCH_NAMES = {"text_embeds": "encoder_hidden_states", "pooled_embeds": "pooled_embeds"}
 
 
 def read_manifest(cache_dir: str | Path, fingerprint: dict, resolution: int) -> dict:
@@ -41,10 +45,11 @@ def read_manifest(cache_dir: str | Path, fingerprint: dict, resolution: int) -> 
     if manifest.get("format") != FORMAT:
         raise DataError(f"--cache_dir {cache_dir}: format {manifest.get('format')!r}, this version reads {FORMAT!r}. "
                         "Write the cache again with `lcm-lora cache`.")
+    written_for = {"family": "sd", "vae": None, **manifest["teacher"]}  # caches older than those keys: SD, own VAE
     for key, value in fingerprint.items():
-        if manifest["teacher"].get(key) != value:
+        if written_for.get(key) != value:
             raise DataError(f"--cache_dir {cache_dir} was written for another teacher ({key}: "
-                            f"{manifest['teacher'].get(key)!r}, this run: {value!r}). Write a cache for this "
+                            f"{written_for.get(key)!r}, this run: {value!r}). Write a cache for this "
                             "teacher with `lcm-lora cache`, or train with the cache's teacher.")
     if manifest["resolution"] != resolution:
         raise DataError(f"--cache_dir {cache_dir} holds --resolution {manifest['resolution']}, this run asks for "
@@ -75,7 +80,7 @@ class CachedEncodings(torch.utils.data.Dataset):
         begin, end = f.get_slice("caption_offsets")[i : i + 2].tolist()
         return {
             "latent_parameters": f.get_slice("latent_parameters")[i],
-            "text_embeds": f.get_slice("text_embeds")[begin:end],
+            **{key: f.get_slice(key)[begin:end] for key in EMPTY_NAMES if key in f.keys()},
             "original_size": f.get_slice("original_size")[i],
             "crop_top_left": f.get_slice("crop_top_left")[i],
         }
@@ -85,18 +90,19 @@ class CachedEncodings(torch.utils.data.Dataset):
 
 
 class CachedCollate:
-    def __init__(self, empty_embed: torch.Tensor, proportion_empty: float, seed: int) -> None:
-        self.empty, self.proportion_empty, self.seed = empty_embed, proportion_empty, seed
+    def __init__(self, empty: dict[str, torch.Tensor], proportion_empty: float, seed: int) -> None:
+        """`empty`: the empty prompt's encodings by stored name (text_embeds, for SDXL also pooled_embeds)."""
+        self.empty, self.proportion_empty, self.seed = empty, proportion_empty, seed
 
     def __call__(self, items: list[tuple[int, int, dict]]) -> dict:
-        samples, embeds = [s for _, _, s in items], []
+        samples, chosen = [s for _, _, s in items], []
         for epoch, index, s in items:  # the image loader's draws for the same sample: the same caption
             choice = pick_caption(list(range(len(s["text_embeds"]))), self.proportion_empty,
                                   sample_rng(self.seed, epoch, index))
-            embeds.append(self.empty if choice == "" else s["text_embeds"][choice])
+            chosen.append({key: empty if choice == "" else s[key][choice] for key, empty in self.empty.items()})
         return {
             "latent_parameters": torch.stack([s["latent_parameters"] for s in samples]),
-            "encoder_hidden_states": torch.stack(embeds),
+            **{BATCH_NAMES[key]: torch.stack([c[key] for c in chosen]) for key in self.empty},
             "original_size": torch.stack([s["original_size"] for s in samples]),
             "crop_top_left": torch.stack([s["crop_top_left"] for s in samples]),
             "skipped": [],
@@ -104,11 +110,14 @@ class CachedCollate:
 
 
 def make_cached_dataloader(args: DataArgs, manifest: dict, batch_size: int, seed: int):
-    """(data loader, empty-prompt embedding [1, L, D]) over a cache; shuffled like the image loader."""
-    empty = load_file(str(Path(args.cache_dir) / EMPTY))["empty_embed"]
+    """(data loader, the empty prompt's conditioning {"context": [1, L, D]}) over a cache; shuffled like the image
+    loader."""
+    stored = load_file(str(Path(args.cache_dir) / EMPTY))
+    empty = {key: stored[EMPTY_NAMES[key]] for key in EMPTY_NAMES if EMPTY_NAMES[key] in stored}  # by stored name
     loader = shuffled_loader(CachedEncodings(args.cache_dir, manifest),
-                             CachedCollate(empty[0], args.proportion_empty_prompts, seed), args, batch_size, seed)
-    return loader, empty
+                             CachedCollate({k: v[0] for k, v in empty.items()}, args.proportion_empty_prompts, seed),
+                             args, batch_size, seed)
+    return loader, {key: empty[name] for key, name in STORED_NAMES.items() if name in empty}
 
 
 def sample_latents(parameters: torch.Tensor, scaling_factor: float) -> torch.Tensor:

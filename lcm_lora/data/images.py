@@ -161,4 +161,7 @@ def preprocess_image(image: Image.Image, resolution: int, center_crop: bool, ran
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    return pixels, {"original_size": (h, w), "crop_top_left": (box[1], box[0]), "flipped": flipped}
+    # SDXL's crop conditioning describes the image trained on: after a flip the crop's left edge is mirrored
+    # (resized width - right edge), which the public SDXL trainers get wrong.
+    left = new_size[0] - box[2] if flipped else box[0]
+    return pixels, {"original_size": (h, w), "crop_top_left": (box[1], left), "flipped": flipped}

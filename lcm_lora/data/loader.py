@@ -1,6 +1,7 @@
 """Rows -> training batches, skipping bad samples with a count instead of stopping the run.
 
-Batch format (every source): {"pixel_values": float [B, 3, H, W] in [-1, 1], "input_ids": long [B, L],
+Batch format (every source): {"pixel_values": float [B, 3, H, W] in [-1, 1], "input_ids": long [B, L] (and
+"input_ids_2" for SDXL's second tokenizer),
 "original_size": long [B, 2] (h, w), "crop_top_left": long [B, 2], "skipped": [(name, reason), ...]}.
 A bad sample is replaced by a randomly drawn other one, so batches keep their size (DDP and gradient
 accumulation stay in step); what was skipped travels with the batch to the trainer's BadSampleLog.
@@ -63,15 +64,22 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def make_batch(samples: list[tuple[torch.Tensor, dict, str]], skipped: list[tuple[str, str]], tokenizer) -> dict:
-    """The batch format above from (pixels, geometry, caption) samples."""
+    """The batch format above from (pixels, geometry, caption) samples. `tokenizer` may be a tuple: SDXL's two
+    tokenizers give "input_ids" and "input_ids_2"."""
     pixels, geometry, captions = zip(*samples)
+    tokenizers = tokenizer if isinstance(tokenizer, tuple) else (tokenizer,)
     return {
         "pixel_values": torch.stack(pixels),
-        "input_ids": tokenize(tokenizer, list(captions)),
+        **{input_ids_key(i): tokenize(t, list(captions)) for i, t in enumerate(tokenizers)},
         "original_size": torch.tensor([g["original_size"] for g in geometry]),
         "crop_top_left": torch.tensor([g["crop_top_left"] for g in geometry]),
         "skipped": skipped,
     }
+
+
+def input_ids_key(index: int) -> str:
+    """The batch key of the i-th tokenizer's ids: input_ids, input_ids_2 (diffusers' SDXL naming)."""
+    return "input_ids" if index == 0 else f"input_ids_{index + 1}"
 
 
 def sample_name(row: dict, image_column: str, index: int) -> str:
@@ -169,6 +177,7 @@ def _exit_on_sigterm_from_parent() -> None:
     while True:
         if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
             os._exit(0)  # as PyTorch's handler does: exit code 0, so the loader reports no dead worker
+
 
 
 def shuffled_loader(dataset, collate, args: DataArgs, batch_size: int, seed: int) -> torch.utils.data.DataLoader:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
-# Names that resolve to bundled models: the two teachers (diffusers folders) and a "community checkpoint" of
-# teacher-eps as one original-layout .safetensors (load it with config / --single_file_config teacher-eps).
-BUNDLED_FILES = {"teacher-eps": "teacher-eps", "teacher-vpred": "teacher-vpred",
+# Names that resolve to bundled models: the three teachers (diffusers folders; teacher-sdxl is an SDXL-layout
+# pipeline) and a "community checkpoint" of teacher-eps as one original-layout .safetensors (load it with
+# config / --single_file_config teacher-eps).
+BUNDLED_FILES = {"teacher-eps": "teacher-eps", "teacher-vpred": "teacher-vpred", "teacher-sdxl": "teacher-sdxl",
                  "community-dusk": "community-dusk.safetensors"}
 BUNDLED = tuple(BUNDLED_FILES)
 STYLE_LORA = "style-dusk"  # a style LoRA (diffusers format) for the stacking example, trained on the dusk world
