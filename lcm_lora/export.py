@@ -1,9 +1,9 @@
 """Export the trained LoRA in every format: formats.py names the keys; safetensors IO happens here.
 
     diffusers  <dir>/pytorch_lora_weights.safetensors   PEFT keys (unet.<module>.lora_A/B), alpha / r baked
-                                                        into lora_B: `pipe.load_lora_weights(dir)` (R5)
+                                                        into lora_B: `pipe.load_lora_weights(dir)`
     kohya      <dir>/<output_name>.safetensors           lora_unet_* + lora_down/lora_up + fp32 alpha, ss_* and
-                                                        modelspec.* metadata: ComfyUI, A1111, Forge, InvokeAI (R2)
+                                                        modelspec.* metadata: ComfyUI, A1111, Forge, InvokeAI
     hub        <dir>/hub/pytorch_lora_weights.safetensors  kohya keys under the diffusers file name, the layout
                                                         of the LCM-LoRA hub repos: one file that loads everywhere
 """

@@ -2,8 +2,8 @@
 
 Internal form: {diffusers module path: LoraModule}, e.g. "down_blocks.1.attentions.0.proj_in". A module
 adds ΔW = (alpha / rank) · up @ down to its base weight: the rule of kohya, ComfyUI, A1111, InvokeAI and
-PEFT alike (lora_formats.md §4). Writers name keys; the strict reader refuses what it cannot place,
-so a key is never dropped silently (R11). No file IO here: safetensors stays in export.py.
+PEFT alike (kohya-ss/sd-scripts networks/lora.py; comfy/lora.py). Writers name keys; the strict reader refuses what it cannot place,
+so a key is never dropped silently. No file IO here: safetensors stays in export.py.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def kohya_stem(module_path: str) -> str:
 
 def to_diffusers_keys(modules: dict[str, LoraModule], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """`unet.<path>.lora_A.weight` / `lora_B.weight`, with alpha / r baked into lora_B: the file then loads at
-    the right scale in every diffusers version, with or without metadata (R5)."""
+    the right scale in every diffusers version, with or without metadata."""
     out = {}
     for path, m in modules.items():
         dtype_of = dtype or m.down.dtype
@@ -78,9 +78,9 @@ def to_diffusers_keys(modules: dict[str, LoraModule], dtype: torch.dtype | None 
 
 def to_kohya_keys(modules: dict[str, LoraModule], dtype: torch.dtype | None = None,
                   names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """`lora_unet_<name>.lora_down.weight`, `.lora_up.weight` and a 0-dim fp32 `.alpha` (R2, R4, R6).
+    """`lora_unet_<name>.lora_down.weight`, `.lora_up.weight` and a 0-dim fp32 `.alpha`.
 
-    `names` maps diffusers paths to other module names (SDXL's sgm names, R3); None keeps diffusers names.
+    `names` maps diffusers paths to other module names (SDXL's sgm names); None keeps diffusers names.
     Every module gets the file's most common alpha A; one with another alpha carries alpha / A in lora_up.
     Why: diffusers' kohya loader turns per-module alphas into an alpha_pattern whose attention keys match
     nothing (measured: rsLoRA with a rank pattern loaded 1e-2 off), while one alpha loads exactly everywhere.
@@ -291,7 +291,7 @@ def number(value: object, name: str, integer: bool = False, allow_zero: bool = F
 
 def diffusers_adapter_metadata(modules: dict[str, LoraModule]) -> dict[str, str]:
     """diffusers' own `lora_adapter_metadata` for a file whose scale is baked in (alpha = r everywhere), so a
-    loader that reads it builds the right LoraConfig, mixed ranks included (R5)."""
+    loader that reads it builds the right LoraConfig, mixed ranks included."""
     ranks = {path: m.rank for path, m in modules.items()}
     r = most_common(list(ranks.values()))
     pattern = {re.escape(path): rank for path, rank in ranks.items() if rank != r}
@@ -313,7 +313,7 @@ def _some(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-# -- what the file says about itself (R9) ----------------------------------------------------------------
+# -- what the file says about itself ----------------------------------------------------------------
 
 @dataclass(frozen=True)
 class BaseModel:
@@ -323,7 +323,7 @@ class BaseModel:
     v2: bool
     architecture: str  # ModelSpec id, "/lora" appended for adapters
     implementation: str
-    sgm_names: bool  # kohya files for SDXL use sgm block names (R3)
+    sgm_names: bool  # kohya files for SDXL use sgm block names
 
 
 def base_model(unet_config: dict, prediction_type: str) -> BaseModel:

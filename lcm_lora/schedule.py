@@ -1,6 +1,6 @@
 """The teacher's noise schedule and the skipping-step DDIM grid (pure functions of tensors).
 
-Notation (lcm_lora_algorithm.md): abar_t = alphas_cumprod[t], alpha_t = sqrt(abar_t),
+Notation (LCM, arXiv 2310.04378): abar_t = alphas_cumprod[t], alpha_t = sqrt(abar_t),
 sigma_t = sqrt(1 - abar_t), z_t = alpha_t x0 + sigma_t eps.
 """
 

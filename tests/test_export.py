@@ -1,4 +1,4 @@
-"""Every exported format loads with diffusers' own loader and reproduces the in-memory student (R5, R7, R12)."""
+"""Every exported format loads with diffusers' own loader and reproduces the in-memory student."""
 
 import hashlib
 import logging
@@ -81,7 +81,7 @@ def test_every_format_loads_fuses_and_unfuses_like_the_student(tmp_path, rank, a
         pipe = _pipe()
         base_weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
         messages = _load_quietly(pipe, path)
-        # R12: the only message is the one about the (deliberately absent) text-encoder LoRA; seeing it also shows
+        # The only message is the one about the (deliberately absent) text-encoder LoRA; seeing it also shows
         # the capture works, so "no other message" is not vacuous.
         assert [m for m in messages if "No LoRA keys associated to CLIPTextModel" in m], (path, messages)
         assert not [m for m in messages if "CLIPTextModel" not in m], (path, messages)
@@ -114,7 +114,7 @@ def test_kohya_file_layout_dtype_and_metadata(tmp_path):
         assert tensors[f"{stem}.lora_down.weight"].dtype == torch.float16
     assert tensors["lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight"].dim() == 4  # 1x1 conv stays 4-D
     assert tensors["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].dim() == 2
-    # The metadata the tools read (R9), all strings.
+    # The metadata the tools read, all strings.
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
     assert meta["ss_network_alpha"] == "8" and meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "64x64"

@@ -48,7 +48,7 @@ def test_kohya_keys_are_sd_scripts_names_with_one_fp32_alpha_each():
     m = _modules()["down_blocks.0.resnets.0.conv1"]
     torch.testing.assert_close(out[f"{stem}.lora_up.weight"].float(), (m.up * (1.0 / 8.0)).half().float())
     assert out[f"{stem}.lora_down.weight"].dtype == torch.float16 and out[f"{stem}.lora_down.weight"].shape == (2, 8, 3, 3)
-    assert out[f"{stem}.lora_up.weight"].shape == (16, 2, 1, 1)  # conv LoRA stays 4-D (R6)
+    assert out[f"{stem}.lora_up.weight"].shape == (16, 2, 1, 1)  # conv LoRA stays 4-D
     assert len(out) == 3 * len(PATHS)
 
 

@@ -1,5 +1,5 @@
-"""Community checkpoints: a single-file model as teacher and for generation, and `merge` baking a LoRA into one
-(R7e, R10). The single file is the bundled teacher written in the original SD layout."""
+"""Community checkpoints: a single-file model as teacher and for generation, and `merge` baking a LoRA into one.
+The single file is the bundled teacher written in the original SD layout."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """Our kohya files through the key rules of ComfyUI, A1111 and InvokeAI, re-implemented here as small tables
-from lora_formats.md §1.2 (R3, R8), and through diffusers' SDXL loader.
+from their public loaders, and through diffusers' SDXL loader.
 
 The rules must hit real LDM layers. Those come from the checkpoint that diffusers' converter reads back exactly
 (tests/test_single_file.py), and the diffusers <-> LDM pairing ComfyUI uses is read from that converter by
@@ -115,7 +115,7 @@ def test_comfyui_loads_every_key_and_computes_the_students_weights(family, tmp_p
     assert len(patches) == len(export.lora_modules(student))  # one patched weight per LoRA module
     if family in SDXL_FAMILY:
         assert all(k.startswith("lora_unet_input_blocks_") or k.startswith(("lora_unet_middle_block_",
-                   "lora_unet_output_blocks_")) for k in lora)  # sgm names (R3)
+                   "lora_unet_output_blocks_")) for k in lora)  # sgm names
     # The patched checkpoint, read back by diffusers' converter, is the student.
     patched = UNet2DConditionModel.from_config(base.config).eval()
     patched.load_state_dict(convert_ldm_unet_checkpoint(comfy_apply(ldm_state, patches), dict(base.config)))
@@ -191,11 +191,11 @@ def test_invokeai_and_a1111_recognise_the_base_model(family, config, length, ver
     assert detected == version
 
 
-# -- diffusers' SDXL loader reads the sgm names (R3) ---------------------------------------------------
+# -- diffusers' SDXL loader reads the sgm names ---------------------------------------------------
 
 @pytest.mark.parametrize("family", ["sd15", *SDXL_FAMILY])
 def test_diffusers_loaders_map_every_key_and_reproduce_the_student(family, tmp_path):
-    """R7 on the real block layouts: each family's own diffusers loader (SDXL's maps the sgm names, R3)."""
+    """On the real block layouts: each family's own diffusers loader (SDXL's maps the sgm names)."""
     base, student = _unets(CONFIGS[family])
     lora = _kohya_file(student, tmp_path)
     save_file(lora, str(tmp_path / "lora.safetensors"))
@@ -214,7 +214,7 @@ def test_diffusers_loaders_map_every_key_and_reproduce_the_student(family, tmp_p
 
 @pytest.mark.parametrize("config, hub_megabytes", [(SD15_UNET, 135), (SDXL_UNET, 394)], ids=["sd15", "sdxl"])
 def test_default_targets_at_rank_64_give_the_size_of_the_hub_lcm_loras(config, hub_megabytes):
-    """R13's sanity check: the latent-consistency/lcm-lora-sdv1-5 and -sdxl files are about 135 and 394 MB in fp16,
+    """A sanity check: the latent-consistency/lcm-lora-sdv1-5 and -sdxl files are about 135 and 394 MB in fp16,
     so the default target set is theirs. Counted on the real configs built on the meta device (no memory)."""
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(config)
