@@ -21,10 +21,10 @@ import yaml
 
 from .checkpoint import check_intact, checkpoint_step, checkpoints, find_checkpoint, read_record
 from .config import ConfigError, TrainConfig
+from .export import DIFFUSERS_WEIGHT_NAME
 from .safetensors_io import read_metadata
 
 LOCK_NAME = ".lcm-lora.lock"
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Flags that change how a run is watched, saved or sped up, never what it computes: a resume may change them.
 # --max_train_steps is among them so that a finished run can be extended.
 NEUTRAL_FLAGS = frozenset({
