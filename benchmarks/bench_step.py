@@ -2,11 +2,15 @@
 
     python benchmarks/bench_step.py                          # bundled tiny teacher, CPU
     python benchmarks/bench_step.py --teacher DIR --resolution 512 --batch_size 4 --mixed_precision bf16  # a GPU
+    python benchmarks/bench_step.py --teacher teacher-sdxl      # the bundled tiny SDXL teacher
+    python benchmarks/make_shaped.py --arch sdxl --out /tmp/sdxl-shaped   # SDXL's real configs, random weights
+    python benchmarks/bench_step.py --teacher /tmp/sdxl-shaped --resolution 1024 --batch_size 4 --mixed_precision bf16
 
 "step" is the trainer's own step from images: VAE and text encoding, `lcd_loss` (student forward+backward
 at B, teacher forward at 2B, target forward at B), clipping and the optimizer. "cached" is the same step
-from cached encodings (`lcm-lora cache`, `--cache_dir`): a posterior sample instead of the encoders.
-"ideal" is the three UNet calls alone on the same tensors. The ratios step / ideal and cached / ideal
+from cached encodings (`lcm-lora cache`, `--encodings_dir`): a posterior sample instead of the encoders.
+"ideal" is the three UNet calls alone on the same tensors (with SDXL's pooled text and time ids for
+the SDXL family). The ratios step / ideal and cached / ideal
 are what the trainer adds around the UNet. Timings alternate step, ideal, cached, step, ... and the
 medians of the paired ratios are printed.
 """
@@ -21,12 +25,18 @@ import torch
 
 from lcm_lora.conditioning import cat_cond
 from lcm_lora.config import TrainConfig
-from lcm_lora.data.loader import tokenize
+from lcm_lora.data.loader import make_batch
 from lcm_lora.distill import lcd_loss
 from lcm_lora.models import load_teacher
 from lcm_lora.schedule import ddim_timesteps
 from lcm_lora.trainer import (WEIGHT_DTYPES, encode_batch, make_accelerator, make_optimizer, prepare_models,
                               unet_fns)
+
+
+def peak_rss_gib() -> float:
+    """The process's peak resident memory (Linux reports KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main() -> None:
@@ -42,6 +52,7 @@ def main() -> None:
 
     config = TrainConfig.from_flat_dict({
         "pretrained_teacher_model": args.teacher, "lora_rank": args.lora_rank, "lora_alpha": args.lora_rank,
+        "resolution": args.resolution,
         "mixed_precision": args.mixed_precision, "report_to": "none",
         "gradient_checkpointing": args.gradient_checkpointing, "output_dir": "/tmp/lcm-lora-bench"})
     accelerator = make_accelerator(config)
@@ -56,13 +67,15 @@ def main() -> None:
     tau = ddim_timesteps(1000, 50).to(device)
 
     b, r = args.batch_size, args.resolution
-    batch = {"pixel_values": torch.rand(b, 3, r, r) * 2 - 1,
-             "input_ids": tokenize(teacher.tokenizer, ["a red circle"] * b)}
+    geometry = {"original_size": (r, r), "crop_top_left": (0, 0)}
+    batch = make_batch([(torch.rand(3, r, r) * 2 - 1, geometry, "a red circle")] * b, [], tuple(teacher.tokenizers))
     scaling = teacher.vae.config.scaling_factor
     x0, c = encode_batch(teacher, batch, device, scaling, config.data)
     with torch.no_grad():
         cached = {"latent_parameters": teacher.vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.parameters,
                   "encoder_hidden_states": c["context"]}
+        if "pooled" in c:  # SDXL: the cache stores the pooled text too; time ids are rebuilt per batch
+            cached["pooled_embeds"] = c["pooled"]
     t = torch.full((b,), 499, device=device)
 
     def train_step(data: dict) -> None:
@@ -104,6 +117,9 @@ def main() -> None:
         steps.append(timed(step))
         ideals.append(timed(ideal))
         cacheds.append(timed(cached_step))
+    n_unet = sum(p.numel() for p in accelerator.unwrap_model(unet).parameters() if not p.requires_grad)
+    encoders = ", ".join(type(e).__name__ for e in teacher.text_encoders)
+    print(f"{args.teacher}: UNet {n_unet / 1e6:.1f}M parameters, text encoders {encoders}, LoRA rank {args.lora_rank}")
     print(f"device {device}, threads {torch.get_num_threads()}, batch {b}, resolution {r}, "
           f"precision {args.mixed_precision}, {args.repeats} triples")
     for name, times in (("step", steps), ("ideal", ideals), ("cached", cacheds)):
@@ -115,6 +131,7 @@ def main() -> None:
         paired = statistics.median(s / i for s, i in zip(times, ideals))
         print(f"ratio {name}/ideal {paired:.3f} (median of {args.repeats} paired ratios; "
               f"ratio of medians {statistics.median(times) / statistics.median(ideals):.3f})")
+    print(f"peak process memory {peak_rss_gib():.2f} GiB (CPU resident set)")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
               f"trainable LoRA parameters {sum(p.numel() for p in params) / 1e6:.1f}M")

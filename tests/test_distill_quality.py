@@ -1,4 +1,5 @@
-"""End to end: distill each bundled teacher with its preset, then judge the exported LoRA.
+"""End to end: distill each bundled teacher (epsilon, v-prediction and SDXL) with its preset, then judge the exported
+LoRA.
 
 The LoRA is loaded the way users load it (`load_lora_weights` + `LCMScheduler`) and compared with the
 teacher's best non-distilled sampler (DDIM with leading or trailing spacing, at the best of three
@@ -22,7 +23,8 @@ from lcm_lora.world.quality import Scorer, load_pipeline, sweep
 
 ROOT = Path(__file__).parents[1]
 # tiny-long.yaml, not the 5-minute tiny.yaml: its LoRA is the one that matches 50 steps at 4 steps (README).
-PRESETS = {"teacher-eps": "tiny-long.yaml", "teacher-vpred": "tiny-vpred.yaml"}
+# teacher-sdxl is the SDXL family's: loaded into StableDiffusionXLPipeline, two text encoders, time ids.
+PRESETS = {"teacher-eps": "tiny-long.yaml", "teacher-vpred": "tiny-vpred.yaml", "teacher-sdxl": "tiny-sdxl.yaml"}
 STEPS = [1, 2, 4]
 GAP_STEPS = [1, 2]  # step counts where non-distilled samplers fall far behind (README)
 # Images per prompt at each step count. At 4 steps the differences are a few points, and one image per prompt
