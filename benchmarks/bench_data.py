@@ -115,7 +115,7 @@ def main() -> None:
     print(f"wrote {args.num_images} JPEGs of {args.image_size}px to {root}; cache at {args.resolution}px took "
           f"{time.perf_counter() - start:.1f} s")
     read_manifest(root / "cache", teacher_fingerprint(config.model), args.resolution)
-    sources["cache"] = {"cache_dir": str(root / "cache")}
+    sources["cache"] = {"encodings_dir": str(root / "cache")}
 
     print(f"batch {args.batch_size}, resolution {args.resolution}, median of {args.repeats} epochs")
     print("| source | workers | first batch s | samples/s |")

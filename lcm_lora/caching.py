@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import DataArgs, TrainConfig
@@ -25,6 +24,7 @@ from .data.loader import decode_row, sample_name, tokenize
 from .data.shards import NAME, expand_shards, shard_rows
 from .models import load_teacher, teacher_fingerprint
 from .run_dir import OutputLock
+from .safetensors_io import save_safetensors_atomic
 
 SHARD_SIZE = 4096
 
@@ -50,13 +50,13 @@ class ShardWriter:
             return
         offsets = torch.tensor([0] + [len(r["text"]["text_embeds"]) for r in self.rows]).cumsum(0)
         name = f"shard-{len(self.shards):05d}.safetensors"
-        save_file({
+        save_safetensors_atomic({
             "latent_parameters": torch.stack([r["latent_parameters"] for r in self.rows]).contiguous(),
             **{key: torch.cat([r["text"][key] for r in self.rows]).contiguous() for key in self.rows[0]["text"]},
             "caption_offsets": offsets,
             "original_size": torch.tensor([r["original_size"] for r in self.rows]),
             "crop_top_left": torch.tensor([r["crop_top_left"] for r in self.rows]),
-        }, str(self.out / name))
+        }, self.out / name, {})
         self.shards.append({"file": name, "num_samples": len(self.rows)})
         self.rows = []
 
@@ -76,13 +76,13 @@ def source_rows(args: DataArgs, skipped: list[tuple[str, str]]) -> Iterator[tupl
 
 
 @torch.no_grad()
-def write_cache(config: TrainConfig, cache_dir: str | Path, batch_size: int = 64, device: str = "cpu") -> dict:
-    """Encode `config`'s data source with its teacher into `cache_dir`; returns the manifest."""
-    final = Path(cache_dir)
+def write_cache(config: TrainConfig, encodings_dir: str | Path, batch_size: int = 64, device: str = "cpu") -> dict:
+    """Encode `config`'s data source with its teacher into `encodings_dir`; returns the manifest."""
+    final = Path(encodings_dir)
     check_cache_target(final, config.run.overwrite)
     tmp = final.with_name(final.name + ".partial")
     _remove_cut_off_cache(tmp)
-    with OutputLock(tmp, "--cache_dir") as lock:
+    with OutputLock(tmp, "--encodings_dir") as lock:
         manifest = _write_shards(config, tmp, batch_size, device)
         lock.path.unlink()  # the finished cache holds no lock file; the claim lasts until the rename
         check_cache_target(final, config.run.overwrite)  # again: files may have appeared while encoding
@@ -94,17 +94,17 @@ def write_cache(config: TrainConfig, cache_dir: str | Path, batch_size: int = 64
 
 def check_cache_target(final: Path, overwrite: bool) -> None:
     """The cache folder must be new, empty, or (with --overwrite) an earlier cache: never anything else, which
-    could be the user's data (--cache_dir equal to --train_data_dir)."""
+    could be the user's data (--encodings_dir equal to --train_data_dir)."""
     if final.is_file():
-        raise FileExistsError(f"--cache_dir {final} is a file; name a folder.")
+        raise FileExistsError(f"--encodings_dir {final} is a file; name a folder.")
     if not final.is_dir() or not any(final.iterdir()):
         return
     if not (final / MANIFEST).is_file():
         example = next(iter(sorted(final.iterdir()))).name
-        raise FileExistsError(f"--cache_dir {final} holds files that are not a cache (e.g. {example}); name a new or "
+        raise FileExistsError(f"--encodings_dir {final} holds files that are not a cache (e.g. {example}); name a new or "
                               "empty folder. Nothing was changed.")
     if not overwrite:
-        raise FileExistsError(f"--cache_dir {final} already holds a cache; choose another folder, or add --overwrite "
+        raise FileExistsError(f"--encodings_dir {final} already holds a cache; choose another folder, or add --overwrite "
                               "to replace it.")
 
 
@@ -113,12 +113,12 @@ def _remove_cut_off_cache(tmp: Path) -> None:
     this command did not create (it has no lock file), is refused."""
     if not tmp.exists():
         return
-    lock = OutputLock(tmp, "--cache_dir")
+    lock = OutputLock(tmp, "--encodings_dir")
     if lock.held_elsewhere():
         raise FileExistsError(lock.in_use_message())
     if not lock.path.is_file():
         raise FileExistsError(f"{tmp} exists and was not written by `lcm-lora cache`; move it away or choose "
-                              "another --cache_dir.")
+                              "another --encodings_dir.")
     shutil.rmtree(tmp)
 
 
@@ -144,7 +144,8 @@ def _write_shards(config: TrainConfig, tmp: Path, batch_size: int, device: str) 
         if not good:
             continue
         pixels = torch.stack([g[0] for g in good]).to(device)
-        parameters = teacher.vae.encode(pixels).latent_dist.parameters.float().cpu()
+        parameters = torch.cat([teacher.vae.encode(part).latent_dist.parameters.float().cpu()
+                                for part in pixels.split(config.data.vae_encode_batch_size)])
         counts = [len(g[2]) for g in good]
         encoded = _encode_text(teacher, [c for g in good for c in g[2]], device)
         per_sample = [dict(zip(encoded, parts)) for parts in zip(*(v.split(counts) for v in encoded.values()))]
@@ -152,7 +153,7 @@ def _write_shards(config: TrainConfig, tmp: Path, batch_size: int, device: str) 
             writer.add({"latent_parameters": params, "text": text,
                         "original_size": geometry["original_size"], "crop_top_left": geometry["crop_top_left"]})
     writer.flush()
-    save_file({EMPTY_NAMES[k]: v for k, v in _encode_text(teacher, [""], device).items()}, str(tmp / EMPTY))
+    save_safetensors_atomic({EMPTY_NAMES[k]: v for k, v in _encode_text(teacher, [""], device).items()}, tmp / EMPTY, {})
     manifest = {
         "format": FORMAT,
         "teacher": teacher_fingerprint(config.model),

@@ -19,10 +19,11 @@ from pathlib import Path
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import export
 from .config import ConfigError
+from .safetensors_io import save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def register_lora_checkpointing(accelerator: Accelerator) -> None:
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             tensors = export.peft_state_dict(accelerator.unwrap_model(models[0]))
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(output_dir) / export.LORA_CHECKPOINT_NAME))
+            save_safetensors_atomic({k: v.contiguous() for k, v in tensors.items()},
+                                    Path(output_dir) / export.LORA_CHECKPOINT_NAME, {})
         weights.clear()
 
     def load_hook(models, input_dir):

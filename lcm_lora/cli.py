@@ -1,7 +1,7 @@
 """The `lcm-lora` command: the only reader of sys.argv.
 
     lcm-lora train --config configs/tiny.yaml [--flag value ...] [--dry-run]
-    lcm-lora cache --config configs/tiny.yaml --cache_dir cache/tiny-eps   # encode the data once
+    lcm-lora cache --config configs/tiny.yaml --encodings_dir cache/tiny-eps   # encode the data once
     lcm-lora generate --pretrained_model teacher-eps --lora output/tiny-eps --prompt "a red circle ..."
     lcm-lora export --checkpoint output/tiny-eps/checkpoint-400 --output_dir exported/ --formats kohya diffusers
     lcm-lora merge --checkpoint model.safetensors --lora output/tiny-eps --output merged.safetensors --single_file_config DIR
@@ -24,24 +24,22 @@ USER_ERRORS = (ValueError, OSError, NotImplementedError)
 
 
 def train_main(argv: list[str] | None = None) -> None:
+    from .checkpoint import TrainingStopped
     from .config import ConfigError, parse_train_args, to_yaml
+    from .data import DataError
+    from .formats import LoraFormatError
 
     try:
         config, dry_run = parse_train_args(argv)
-        if dry_run:
-            print(to_yaml(config), end="")
-            return
-        problems = config.validate()
-        if problems:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    from .checkpoint import TrainingStopped
-    from .data import DataError
-    from .formats import LoraFormatError
-    from .trainer import train
+        if dry_run:  # every check train makes before loading weights, then the resolved configuration
+            from .preflight import check_training, plan_summary
 
-    try:
+            plan = check_training(config)
+            print(to_yaml(config), end="")
+            print(f"dry run: every check passed; {plan_summary(config, plan)}", file=sys.stderr)
+            return
+        from .trainer import train
+
         train(config)
     except (DataError, ConfigError, LoraFormatError) as err:  # checkpoints written stay; the message says what to fix
         sys.exit(f"error: {err}")
@@ -51,18 +49,22 @@ def train_main(argv: list[str] | None = None) -> None:
 
 
 def cache_main(argv: list[str] | None = None) -> None:
-    """Encode a data source once: the training flags pick teacher, data and resolution; --cache_dir
-    names the folder to write."""
-    from .config import ConfigError, parse_train_args
+    """Encode a data source once: the training flags pick teacher, data and resolution; --encodings_dir names the
+    folder to write."""
+    from .config import RENAMED_FLAGS, ConfigError, parse_train_args
     from .data import DataError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        parse_train_args(["--help"], command="cache")
     parser = argparse.ArgumentParser(prog="lcm-lora cache", add_help=False)
-    parser.add_argument("--cache_dir", default=None)
-    known, rest = parser.parse_known_args(argv)  # here --cache_dir is the output, not a data source
-    out = known.cache_dir
+    parser.add_argument("--encodings_dir", *(f"--{old}" for old, new in RENAMED_FLAGS.items() if new == "encodings_dir"),
+                        dest="encodings_dir", default=None)
+    known, rest = parser.parse_known_args(argv)  # here the encodings folder is the output, not a data source
+    out = known.encodings_dir
     try:
-        config, _ = parse_train_args(rest)
-        problems = config.validate() + ([] if out else ["--cache_dir is required: the folder to write the cache to."])
+        config, _ = parse_train_args(rest, command="cache")
+        problems = config.validate() + ([] if out else ["--encodings_dir is required: the folder to write to."])
         if not problems:  # what the teacher's config files say, before any weight loads (as train does)
             from .models import teacher_problems
 
@@ -79,57 +81,87 @@ def cache_main(argv: list[str] | None = None) -> None:
 
 
 def generate_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lcm-lora generate", description="Few-step images with an LCM-LoRA.")
+    parser = argparse.ArgumentParser(
+        prog="lcm-lora generate", description="Few-step images with an LCM-LoRA.",
+        epilog="Writes one PNG per image, p<prompt index>-s<seed>.png (3 and 10 digits, so names sort by prompt, then "
+               "seed), with the prompt, negative prompt, seed, steps, guidance, model, LoRA and scheduler in its PNG "
+               "text (lcm_lora.* keys, and A1111's `parameters`), then grid.png of them all (a row per prompt when "
+               "--num_images_per_prompt is above 1).")
     parser.add_argument("--pretrained_model", required=True,
                         help="Base model: hub id, folder, teacher-eps, or a single-file .safetensors checkpoint.")
     parser.add_argument("--single_file_config", default=None,
                         help="For a single-file --pretrained_model: a local diffusers folder with its configs.")
     parser.add_argument("--lora", default=None, help="Folder or .safetensors file of the LoRA (omit: no LoRA).")
-    parser.add_argument("--prompt", nargs="+", required=True)
-    parser.add_argument("--num_inference_steps", type=int, default=4)
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="diffusers' convention; 1.0 = no CFG.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--prompt", nargs="+", required=True, help="One or more prompts.")
+    parser.add_argument("--negative_prompt", nargs="+", default=None,
+                        help="One for every prompt, or one per prompt. As in diffusers, used only with "
+                             "--guidance_scale above 1.")
+    parser.add_argument("--num_images_per_prompt", type=int, default=1,
+                        help="Images per prompt (default: %(default)s).")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="Images per pipeline call; larger is faster on a GPU, and an image's pixels may then "
+                             "differ by float rounding from those of batch 1 (default: %(default)s).")
+    parser.add_argument("--num_inference_steps", type=int, default=4, help="Sampling steps (default: %(default)s).")
+    parser.add_argument("--guidance_scale", type=float, default=1.0,
+                        help="diffusers' convention: 1.0 = no classifier-free guidance (default: %(default)s).")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Image k (prompts in order, --num_images_per_prompt each) gets seed + k: a file's "
+                             "prompt and seed draw it again (default: %(default)s).")
+    parser.add_argument("--height", type=int, default=None, help="Default: the model's sample size.")
+    parser.add_argument("--width", type=int, default=None, help="Default: the model's sample size.")
     parser.add_argument("--num_ddim_timesteps", type=int, default=None,
                         help="The training run's value; default: read from the LoRA's metadata, else 50.")
     parser.add_argument("--timestep_scaling_factor", type=float, default=None,
                         help="The training run's value; default: read from the LoRA's metadata, else 10.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--output_dir", type=Path, default=Path("generated"))
-    parser.add_argument("--overwrite", action="store_true", help="Replace images already in --output_dir.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda when available, else cpu (here: %(default)s).")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="(default: %(default)s)")
+    parser.add_argument("--output_dir", type=Path, default=Path("generated"),
+                        help="Created when missing (default: %(default)s).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace files of these names already in --output_dir; nothing else there is touched.")
     args = parser.parse_args(argv)
-    from .inference import generate, image_paths, load_lcm_pipeline, save_images
+    from .inference import draw, image_paths, image_specs, load_lcm_pipeline, save_images, settings_text
     from .models import resolve_teacher
     from .safetensors_io import check_outputs
     from .world import assets
 
     inputs = [resolve_teacher(args.pretrained_model), args.lora and assets.resolve(args.lora),
               args.single_file_config and resolve_teacher(args.single_file_config)]
-    try:  # the outputs are checked first: a refusal should not come after minutes of loading and sampling
-        check_outputs(image_paths(args.output_dir, len(args.prompt)), inputs, args.overwrite)
+    try:  # the flags and outputs are checked first: a refusal should not come after minutes of loading and sampling
+        for flag in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+        specs = image_specs(args.prompt, args.seed, args.num_images_per_prompt, args.negative_prompt)
+        check_outputs(image_paths(args.output_dir, specs), inputs, args.overwrite)
+        if args.negative_prompt and args.guidance_scale <= 1:
+            print(f"warning: --negative_prompt has no effect at --guidance_scale {args.guidance_scale}: diffusers "
+                  "uses it only above 1.", file=sys.stderr)
         pipe = load_lcm_pipeline(args.pretrained_model, args.lora, args.device, DTYPES[args.dtype],
                                  args.num_ddim_timesteps, args.timestep_scaling_factor, args.single_file_config)
-        images = generate(pipe, args.prompt, args.num_inference_steps, args.guidance_scale, args.seed,
-                          args.height, args.width)
-        grid = save_images(images, args.output_dir, overwrite=args.overwrite)
+        images = draw(pipe, specs, args.num_inference_steps, args.guidance_scale, args.height, args.width,
+                      args.batch_size, progress=True)
+        settings = settings_text(pipe, args.pretrained_model, args.lora, args.num_inference_steps, args.guidance_scale)
+        grid = save_images(images, specs, args.output_dir, settings, overwrite=args.overwrite)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")
-    print(f"wrote {len(images)} images and {grid}")
+    print(f"wrote {len(images)} image{'s' * (len(images) != 1)} and {grid}")
 
 
 def export_main(argv: list[str] | None = None) -> None:
     from .config import EXPORT_FORMATS
 
-    parser = argparse.ArgumentParser(prog="lcm-lora export", description="Write a LoRA in the formats each tool loads.")
+    parser = argparse.ArgumentParser(prog="lcm-lora export", description="Write a LoRA in the formats each tool loads.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="A checkpoint-N folder, a training output folder, or a LoRA .safetensors (diffusers or kohya).")
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--formats", nargs="+", choices=EXPORT_FORMATS, default=None,
-                        help="diffusers: pytorch_lora_weights.safetensors; kohya: <output_name>.safetensors for "
-                             "ComfyUI/A1111; hub: kohya keys in hub/pytorch_lora_weights.safetensors. "
-                             "Default: the run's --export_formats, else diffusers kohya.")
+                        help="diffusers: pytorch_lora_weights.safetensors (kohya keys, as the official LCM-LoRA repos: "
+                             "loads in diffusers, ComfyUI, A1111 / Forge); kohya: the same file as "
+                             "<output_name>.safetensors; peft: PEFT keys in peft/pytorch_lora_weights.safetensors "
+                             "(diffusers only); hub: the old name of diffusers. Default: the run's --export_formats, "
+                             "else diffusers kohya.")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="dtype of the LoRA weights (alpha stays fp32). Default: the run's --export_dtype, else fp16.")
     parser.add_argument("--output_name", default=None, help="kohya file name and title; default lcm-lora-<teacher>.")
@@ -153,7 +185,8 @@ def export_main(argv: list[str] | None = None) -> None:
 
 def merge_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lcm-lora merge",
-                                     description="Bake a LoRA into a single-file checkpoint (original SD key layout).")
+                                     description="Bake a LoRA into a single-file checkpoint (original SD key layout).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="The model: a single-file .safetensors.")
     parser.add_argument("--lora", type=Path, required=True, help="A LoRA file or folder (diffusers or kohya keys).")
     parser.add_argument("--output", type=Path, required=True, help="The merged .safetensors to write.")
@@ -184,12 +217,51 @@ def world_main(argv: list[str]) -> None:
 
 COMMANDS = {"train": train_main, "cache": cache_main, "generate": generate_main, "export": export_main,
             "merge": merge_main, "world": world_main}
+SUMMARIES = {
+    "train": "distill an LCM-LoRA from a Stable Diffusion teacher (also: python train_lcm_lora.py)",
+    "cache": "encode a data set once (VAE latents, text embeddings) for training without the encoders",
+    "generate": "few-step images with an LCM-LoRA (LCMScheduler), on a hub id, folder or single file",
+    "export": "write a LoRA or checkpoint in the diffusers, kohya (ComfyUI / A1111) and PEFT layouts",
+    "merge": "bake a LoRA into a single-file checkpoint",
+    "world": "the bundled tiny world: dataset, quality (judge a LoRA), build",
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("lcm-lora")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def usage() -> str:
+    lines = ["usage: lcm-lora {" + ",".join(COMMANDS) + "} [--help] ...", "", "Distill and use LCM-LoRA adapters for "
+             "Stable Diffusion (SD1.x, SD2.x, SDXL, SSD-1B, Vega).", "", "commands:"]
+    lines += [f"  {name:<10}{SUMMARIES[name]}" for name in COMMANDS]
+    lines += ["", "options:", "  -h, --help  show this message and exit", "  --version   print the version and exit",
+              "", "`lcm-lora COMMAND --help` lists each command's flags with their defaults."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if argv and argv[0] == "--version":
+        print(f"lcm-lora {version()}")
+        return
     if not argv or argv[0] not in COMMANDS:
-        sys.exit(f"usage: lcm-lora {{{','.join(COMMANDS)}}} [--help]")
+        import difflib
+
+        if not argv:
+            sys.exit(usage())
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        sys.exit(f"error: unknown command {argv[0]!r}{hint} (`lcm-lora --help` lists the commands)")
     COMMANDS[argv[0]](argv[1:])
 
 

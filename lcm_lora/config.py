@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,12 @@ from typing import Any
 import yaml
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-EXPORT_FORMATS = ("diffusers", "kohya", "hub")
+EXPORT_FORMATS = ("diffusers", "kohya", "peft", "hub")  # hub: the former name of diffusers, still accepted
 EXPORT_DTYPES = ("fp32", "fp16", "bf16")
 LOSS_TYPES = ("l2", "huber")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-DATA_SOURCES = ("train_data_dir", "dataset_name", "train_shards_path_or_url", "cache_dir")
+DATA_SOURCES = ("train_data_dir", "dataset_name", "train_shards_path_or_url", "encodings_dir")
 # LCM-LoRA's targets (diffusers' LCM-LoRA scripts); never conv_in, conv_out or time_embedding.
 DEFAULT_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -32,10 +33,10 @@ DEFAULT_TARGETS = (
 
 
 def _help(text: str, low: float | None = None, high: float | None = None, low_open: bool = False,
-          high_open: bool = False) -> dict:
+          high_open: bool = False, comma_separated: bool = False) -> dict:
     """A field's help text and, for a number, its valid range [low, high] (an end open where said, None: unbounded).
-    `TrainConfig.validate` checks every range before anything loads."""
-    return {"help": text, "range": (low, high, low_open, high_open)}
+    `TrainConfig.validate` checks every range before anything loads. A comma-separated list also takes "a,b"."""
+    return {"help": text, "range": (low, high, low_open, high_open), "comma_separated": comma_separated}
 
 
 class ConfigError(ValueError):
@@ -46,7 +47,8 @@ class ConfigError(ValueError):
 class ModelArgs:
     pretrained_teacher_model: str = field(default="", metadata=_help(
         "Teacher: a hub id, a local diffusers folder, or a bundled tiny teacher (teacher-eps, teacher-vpred)."))
-    revision: str | None = field(default=None, metadata=_help("Hub revision of the teacher."))
+    revision: str | None = field(default=None, metadata=_help(
+        "Hub revision of the teacher (diffusers' scripts: --teacher_revision)."))
     variant: str | None = field(default=None, metadata=_help("Weight variant of the teacher, e.g. fp16."))
     single_file_config: str | None = field(default=None, metadata=_help(
         "For a single-file teacher (.safetensors in the original SD layout, e.g. a community checkpoint): a "
@@ -70,7 +72,7 @@ class DataArgs:
     train_shards_path_or_url: str | None = field(default=None, metadata=_help(
         "webdataset tar shards: paths, a glob, a brace pattern or pipe: commands, '::'-joined (needs the "
         "webdataset extra); each sample an image (.jpg/.png/.webp) plus .txt/.caption or LAION-style .json."))
-    cache_dir: str | None = field(default=None, metadata=_help(
+    encodings_dir: str | None = field(default=None, metadata=_help(
         "Train from encodings written by `lcm-lora cache` (no VAE or text encoder in memory)."))
     dataset_config_name: str | None = field(default=None, metadata=_help("The dataset's configuration name."))
     image_column: str = field(default="image", metadata=_help("Column holding the images."))
@@ -86,6 +88,8 @@ class DataArgs:
     max_bad_samples_fraction: float = field(default=0.05, metadata=_help(
         "Stop when more than this share of samples read are unusable (checked from 200 samples on).", low=0, high=1))
     dataloader_num_workers: int = field(default=0, metadata=_help("Data-loading worker processes (0: main).", low=0))
+    vae_encode_batch_size: int = field(default=32, metadata=_help(
+        "Images the VAE encodes at once (a batch is encoded in chunks of this size, to bound memory).", low=1))
 
 
 @dataclass
@@ -94,7 +98,8 @@ class LoraArgs:
     lora_alpha: float = field(default=64.0, metadata=_help("LoRA alpha; the update is scaled by alpha / r.", low=0, low_open=True))
     lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA branch.", low=0, high=1, high_open=True))
     lora_target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata=_help(
-        "UNet module name suffixes that get a LoRA."))
+        "UNet module name suffixes that get a LoRA: space- or comma-separated (to_q,to_k as in diffusers' scripts).",
+        comma_separated=True))
 
 
 @dataclass
@@ -129,6 +134,13 @@ class OptimArgs:
     adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon.", low=0, low_open=True))
     max_grad_norm: float = field(default=1.0, metadata=_help("Clip the gradient norm to this (0: no clipping).", low=0))
     max_train_steps: int = field(default=1000, metadata=_help("Optimizer steps to train.", low=1))
+    num_train_epochs: int | None = field(default=None, metadata=_help(
+        "Passes over the data set; when given, sets --max_train_steps from the data set's size (images, data sets "
+        "and caches; not streamed shards).", low=1))
+    scale_lr: bool = field(default=False, metadata=_help(
+        "Multiply --learning_rate by batch size x gradient accumulation steps x processes, as diffusers' scripts do."))
+    use_8bit_adam: bool = field(default=False, metadata=_help(
+        "bitsandbytes' 8-bit AdamW (pip install 'lcm-lora[bnb]', CUDA): less optimizer memory."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step.", low=1))
 
 
@@ -162,14 +174,35 @@ class RunArgs:
     validation_inference_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=_help(
         "LCM step counts shown at each validation.", low=1))
     export_formats: tuple[str, ...] = field(default=("diffusers", "kohya"), metadata=_help(
-        "LoRA files written at the end: diffusers (pytorch_lora_weights.safetensors), kohya (<output_name>.safetensors "
-        "for ComfyUI / A1111 / Forge / InvokeAI), hub (kohya keys in hub/pytorch_lora_weights.safetensors)."))
+        "LoRA files written at the end: diffusers (pytorch_lora_weights.safetensors with kohya keys, as the official "
+        "LCM-LoRA repos ship it: loads in diffusers, ComfyUI, A1111 / Forge, InvokeAI and sd-scripts), kohya (the same "
+        "file as <output_name>.safetensors, a name for a UI's LoRA folder), peft (PEFT keys in "
+        "peft/pytorch_lora_weights.safetensors: diffusers only). hub: the former name of diffusers."))
     export_dtype: str = field(default="fp16", metadata=_help("dtype of exported LoRA weights: fp16, bf16 or fp32."))
     output_name: str | None = field(default=None, metadata=_help(
         "Name of the kohya file and its ss_output_name / modelspec.title; default lcm-lora-<teacher name>."))
-    report_to: str = field(default="tensorboard", metadata=_help("Accelerate tracker(s): tensorboard, wandb, all, none."))
+    report_to: str = field(default="tensorboard", metadata=_help(
+        "Accelerate tracker(s), comma-separated: tensorboard, wandb, comet_ml, mlflow, ..., all or none."))
+    tracker_project_name: str = field(default="lcm-lora", metadata=_help(
+        "The project name the trackers log under (Accelerator.init_trackers)."))
     logging_dir: str = field(default="logs", metadata=_help("Tracker log folder, inside output_dir."))
 
+
+# Flags of diffusers' LCM scripts (examples/consistency_distillation/train_lcm_distill_*.py) that have another
+# name here, and flags with no counterpart, each answered with what to do instead, so their commands carry over.
+RENAMED_FLAGS = {"teacher_revision": "revision", "cache_dir": "encodings_dir"}
+DEPRECATED_FLAGS = {"cache_dir": "--cache_dir is the old name of --encodings_dir (encodings written by `lcm-lora "
+                                 "cache`); in diffusers' scripts it is the download cache, which HF_HOME sets here"}
+UNSUPPORTED_FLAGS = {
+    "cast_teacher_unet": "the teacher always runs in --mixed_precision's dtype here (one UNet, LoRA off, serves as "
+                         "teacher): drop the flag",
+    "push_to_hub": "upload the output folder after training: hf upload <repo_id> <output_dir>",
+    "hub_model_id": "upload the output folder after training: hf upload <repo_id> <output_dir>",
+    "hub_token": "log in with `hf auth login` instead",
+    "interpolation_type": "images are resized with Pillow's bicubic filter: drop the flag",
+    "pretrained_model_name_or_path": "name the teacher with --pretrained_teacher_model",
+}
+IGNORED_FLAGS = ("local_rank",)  # torch.distributed.launch's; Accelerate reads LOCAL_RANK from the environment
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "distill": DistillArgs,
             "optim": OptimArgs, "run": RunArgs}
@@ -195,6 +228,7 @@ class TrainConfig:
     @classmethod
     def from_flat_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         owners = _field_owners()
+        values = _renamed(values, source)
         unknown = [k for k in values if k not in owners]
         if unknown:
             hints = [f"'{k}'" + _suggest(k, owners) for k in unknown]
@@ -214,14 +248,14 @@ class TrainConfig:
             problems.append(f"--prediction_type must be one of {PREDICTION_TYPES}, got {c.model.prediction_type!r}.")
         sources = [flag for flag in DATA_SOURCES if _get(c, flag)]
         if not sources:
-            problems.append("give --train_data_dir (a folder), --dataset_name, --train_shards_path_or_url or --cache_dir.")
+            problems.append("give --train_data_dir (a folder), --dataset_name, --train_shards_path_or_url or --encodings_dir.")
         if len(sources) > 1:
             problems.append(f"give only one of --{', --'.join(sources)}.")
         if c.data.train_shards_path_or_url and c.data.max_train_samples is not None:
             problems.append("--max_train_samples does not apply to streamed --train_shards_path_or_url; "
                             "name fewer shards instead.")
-        if c.data.cache_dir and (c.data.random_flip or not c.data.center_crop):
-            problems.append("--cache_dir holds one center crop per image: drop --random_flip and "
+        if c.data.encodings_dir and (c.data.random_flip or not c.data.center_crop):
+            problems.append("--encodings_dir holds one center crop per image: drop --random_flip and "
                             "--center_crop false, or train from the images.")
         if c.distill.w_min > c.distill.w_max:
             problems.append(f"--w_min ({c.distill.w_min}) must not exceed --w_max ({c.distill.w_max}).")
@@ -270,6 +304,26 @@ def _get(config: TrainConfig, flag: str) -> Any:
     return getattr(getattr(config, section), flag)
 
 
+def _renamed(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` with diffusers' flag names mapped to ours; a flag with no counterpart is a ConfigError saying what to
+    do instead."""
+    refused = [f"--{k}: {UNSUPPORTED_FLAGS[k]}." for k in values if k in UNSUPPORTED_FLAGS]
+    if refused:
+        raise ConfigError(f"{source}: " + " ".join(refused))
+    out = {}
+    for key, value in values.items():
+        if key in IGNORED_FLAGS:
+            continue
+        new = RENAMED_FLAGS.get(key, key)
+        if new != key:
+            if new in values:
+                raise ConfigError(f"{source}: give --{new} only (--{key} is another name of it).")
+            if key in DEPRECATED_FLAGS:
+                print(f"warning: {DEPRECATED_FLAGS[key]}; use --{new}.", file=sys.stderr)
+        out[new] = value
+    return out
+
+
 def _suggest(key: str, owners: dict) -> str:
     close = difflib.get_close_matches(key, owners, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -300,6 +354,8 @@ def _coerce(value: Any, f: dataclasses.Field, source: str) -> Any:
             return None
         if is_seq:
             items = [value] if isinstance(value, (str, int, float)) else list(value)
+            if f.metadata.get("comma_separated"):
+                items = [part.strip() for v in items for part in str(v).split(",") if part.strip()]
             return tuple(_scalar(kind, v) for v in items)
         return _scalar(kind, value)
     except (TypeError, ValueError) as err:
@@ -317,43 +373,116 @@ def _scalar(kind: type, value: Any) -> Any:
     return kind(value)
 
 
-def build_parser(prog: str = "lcm-lora train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Distill an LCM-LoRA from a Stable Diffusion teacher.",
+COMMAND_HELP = {
+    "train": ("Distill an LCM-LoRA from a Stable Diffusion teacher.", {}),
+    "cache": ("Encode a data source once (VAE latent distributions and text embeddings) for training without the "
+              "encoders: the training flags pick the teacher, the data and the resolution.",
+              {"encodings_dir": "The folder to write the encodings to (required); train reads it with "
+                                "--encodings_dir."}),
+}
+
+
+def build_parser(command: str = "train") -> argparse.ArgumentParser:
+    description, help_overrides = COMMAND_HELP[command]
+    parser = argparse.ArgumentParser(prog=f"lcm-lora {command}", description=description,
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help="A YAML preset of flat flag: value pairs (see configs/).")
-    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                        help="Print the resolved configuration as YAML and exit.")
+    if command == "train":
+        parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                            help="Run every check train makes before loading weights, print the resolved "
+                                 "configuration as YAML and what train would do, and exit (non-zero on a problem).")
+    _add_foreign_flags(parser)
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
             kind, is_seq = _base_type(f)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            help_text = f"{help_overrides.get(f.name, f.metadata.get('help', ''))} (default: {default})"
             if kind is bool:
-                group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+                group.add_argument(f"--{f.name}", action=BoolFlag, help=help_text)
             else:
                 group.add_argument(f"--{f.name}", type=kind, nargs="+" if is_seq else None, help=help_text)
     return parser
 
 
-def parse_train_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+def _add_foreign_flags(parser: argparse.ArgumentParser) -> None:
+    """diffusers' flag names, hidden from --help: renamed ones parse as ours, the rest reach _renamed's message."""
+    for name in (*RENAMED_FLAGS, *UNSUPPORTED_FLAGS, *IGNORED_FLAGS):
+        flag = parser.add_argument(f"--{name}", nargs="?", const=True, help=argparse.SUPPRESS)
+        flag.default = argparse.SUPPRESS
+
+
+class BoolFlag(argparse.Action):
+    """--flag, --flag true|false (diffusers' and YAML's spellings) and --no-flag."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        names = [*option_strings, *(f"--no-{o[2:]}" for o in option_strings)]
+        super().__init__(names, dest, nargs="?", metavar="true|false", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if option_string.startswith("--no-"):
+            if value is not None:
+                parser.error(f"{option_string} takes no value (write --{option_string[5:]} false).")
+            setattr(namespace, self.dest, False)
+        elif value is None:
+            setattr(namespace, self.dest, True)
+        elif value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            setattr(namespace, self.dest, value.lower() in ("true", "1", "yes", "on"))
+        else:
+            parser.error(f"{option_string}: expected true or false, got {value!r}.")
+
+
+def accelerate_mixed_precision() -> str | None:
+    """The mixed precision `accelerate launch` passes on (its flag or its config file), else the one in the default
+    accelerate config file (`accelerate config`), else None."""
+    import os
+
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched:
+        return launched
+    try:
+        from accelerate.commands.config.config_args import default_config_file
+    except ImportError:
+        return None
+    path = Path(default_config_file)
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    value = saved.get("mixed_precision") if isinstance(saved, dict) else None
+    return str(value) if value is not None else None
+
+
+def parse_train_args(argv: list[str] | None = None, command: str = "train") -> tuple[TrainConfig, bool]:
     """(config, dry_run) from flags over an optional YAML preset over the defaults."""
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(command).parse_args(argv))
     dry_run = args.pop("dry_run", False)
     values: dict[str, Any] = {}
+    source = "command line"
     if "config" in args:
+        source = f"{args['config']} and the command line"
         preset = load_yaml(args.pop("config"))
-        if any(flag in args for flag in DATA_SOURCES):  # a source on the command line replaces the preset's
-            preset = {k: v for k, v in preset.items() if k not in DATA_SOURCES}
+        if any(RENAMED_FLAGS.get(flag, flag) in DATA_SOURCES for flag in args):  # the command line's source wins
+            preset = {k: v for k, v in preset.items() if RENAMED_FLAGS.get(k, k) not in DATA_SOURCES}
         values.update(preset)
     values.update(args)
-    return TrainConfig.from_flat_dict(values, source="command line" if not values else "config"), dry_run
+    if "mixed_precision" not in values and accelerate_mixed_precision():
+        values["mixed_precision"] = accelerate_mixed_precision()  # as diffusers' scripts default to it
+    return TrainConfig.from_flat_dict(values, source=source), dry_run
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise ConfigError(f"--config {path}: no such file. Presets live in configs/.")
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}. Each line is `flag: value`.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of flag: value pairs, got {type(data).__name__}.")
     TrainConfig.from_flat_dict(data, source=str(path))  # names the file on unknown keys or bad values

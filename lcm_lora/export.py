@@ -1,11 +1,15 @@
-"""Export the trained LoRA in every format: formats.py names the keys; safetensors IO happens here.
+"""Export the trained LoRA in every format: formats.py names the keys; safetensors IO is in safetensors_io.py.
 
-    diffusers  <dir>/pytorch_lora_weights.safetensors   PEFT keys (unet.<module>.lora_A/B), alpha / r baked
-                                                        into lora_B: `pipe.load_lora_weights(dir)`
-    kohya      <dir>/<output_name>.safetensors           lora_unet_* + lora_down/lora_up + fp32 alpha, ss_* and
-                                                        modelspec.* metadata: ComfyUI, A1111, Forge, InvokeAI
-    hub        <dir>/hub/pytorch_lora_weights.safetensors  kohya keys under the diffusers file name, the layout
-                                                        of the LCM-LoRA hub repos: one file that loads everywhere
+    diffusers  <dir>/pytorch_lora_weights.safetensors       kohya keys (lora_unet_* + lora_down/lora_up + fp32
+                                                            alpha) under diffusers' file name, with the kohya file's
+                                                            metadata: the layout of the official LCM-LoRA repos
+                                                            (latent-consistency/lcm-lora-sdv1-5, -sdxl, -ssd-1b), which
+                                                            diffusers' `load_lora_weights(dir)`, ComfyUI, A1111/Forge,
+                                                            InvokeAI and sd-scripts all load in full
+    kohya      <dir>/<output_name>.safetensors               the same file under a name a UI's LoRA list shows
+    peft       <dir>/peft/pytorch_lora_weights.safetensors  PEFT keys (unet.<module>.lora_A/B), alpha / r baked into
+                                                            lora_B: `load_lora_weights(dir / "peft")`; diffusers only
+    hub        the former name of the diffusers format, still accepted (with a warning)
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import datetime
 import hashlib
 import json
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,11 @@ from .formats import LoraModule
 from .safetensors_io import read_metadata, read_safetensors, save_safetensors_atomic  # noqa: F401  (re-exported)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHT_NAME = f"peft/{DIFFUSERS_WEIGHT_NAME}"  # a folder of its own: `load_lora_weights` of it finds the file
+# format -> (its file in the output folder, its key layout); {name} is the output name
+FORMAT_FILES = {"diffusers": (DIFFUSERS_WEIGHT_NAME, "kohya"), "kohya": ("{name}.safetensors", "kohya"),
+                "peft": (PEFT_WEIGHT_NAME, "peft")}
+FORMAT_ALIASES = {"hub": "diffusers"}  # config.EXPORT_FORMATS lists both
 LORA_CHECKPOINT_NAME = "lora_peft.safetensors"  # a training checkpoint's LoRA, PEFT names, unscaled
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # config.EXPORT_DTYPES
 
@@ -140,7 +150,7 @@ class ExportInfo:
 
 def default_output_name(teacher: str) -> str:
     """lcm-lora-<teacher's last path part>, safe as a file name."""
-    from .models import is_single_file
+    from .model_ref import is_single_file
 
     path = Path(str(teacher).rstrip("/"))
     stem = (path.stem if is_single_file(str(path)) else path.name) or "model"
@@ -153,10 +163,12 @@ def output_paths(out_dir: str | Path, export_formats: tuple[str, ...] | list[str
     unknown = [f for f in export_formats if f not in EXPORT_FORMATS]
     if unknown:
         raise ValueError(f"--export_formats {' '.join(unknown)}: unknown; choose from {', '.join(EXPORT_FORMATS)}.")
-    out_dir = Path(out_dir)
-    every = {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME, "kohya": out_dir / f"{output_name}.safetensors",
-             "hub": out_dir / "hub" / DIFFUSERS_WEIGHT_NAME}
-    paths = {f: every[f] for f in EXPORT_FORMATS if f in export_formats}
+    for alias in sorted(set(export_formats) & set(FORMAT_ALIASES)):
+        warnings.warn(f"export format {alias!r} is now {FORMAT_ALIASES[alias]!r}: its file (kohya keys, the layout of "
+                      f"the LCM-LoRA hub repos) is {Path(out_dir) / DIFFUSERS_WEIGHT_NAME}, and hub/ is no longer "
+                      "written.", FutureWarning)
+    wanted = {FORMAT_ALIASES.get(f, f) for f in export_formats}
+    paths = {f: Path(out_dir) / name.format(name=output_name) for f, (name, _) in FORMAT_FILES.items() if f in wanted}
     if len(set(paths.values())) < len(paths):
         raise ValueError(f"--output_name {output_name!r}: the kohya file would be the diffusers file "
                          f"{DIFFUSERS_WEIGHT_NAME}; choose another name.")
@@ -170,13 +182,14 @@ def write_formats(modules: dict[str, LoraModule], out_dir: str | Path, export_fo
     paths = output_paths(out_dir, export_formats, info.output_name)
     base_meta = metadata(info.config_flat, info.teacher, info.prediction_type, info.steps, info.config_changes)
     base_meta["lcm_lora.base_family"] = model_family(info.unet_config)  # SSD-1B and Vega files say SDXL elsewhere
-    files = {}
-    if "diffusers" in paths:
+    layouts = {FORMAT_FILES[f][1] for f in paths}
+    content = {}
+    if "kohya" in layouts:
+        content["kohya"] = kohya_file(modules, dtype, info, base_meta)
+    if "peft" in layouts:
         meta = {**base_meta, **formats.diffusers_adapter_metadata(modules), "lcm_lora.alpha_baked_into_lora_B": "true"}
-        files[paths["diffusers"]] = formats.to_diffusers_keys(modules, dtype), meta
-    if "kohya" in paths or "hub" in paths:
-        kohya = kohya_file(modules, dtype, info, base_meta)
-        files.update({paths[f]: kohya for f in ("kohya", "hub") if f in paths})
+        content["peft"] = formats.to_peft_keys(modules, dtype), meta
+    files = {path: content[FORMAT_FILES[f][1]] for f, path in paths.items()}
     for path, (tensors, _) in files.items():
         _check_finite_output(path, tensors, modules, dtype)
     return [save_safetensors_atomic(tensors, path, meta) for path, (tensors, meta) in files.items()]
@@ -218,12 +231,15 @@ def kohya_file(modules: dict[str, LoraModule], dtype: torch.dtype, info: ExportI
 
 def lora_file(path: str | Path) -> Path:
     """The file `pipe.load_lora_weights(path)` reads: the path itself, or in a folder pytorch_lora_weights.safetensors,
-    else its one other .safetensors (diffusers' own guess, which skips checkpoint, optimizer and scheduler files)."""
+    else its one other .safetensors (diffusers' own guess, which skips checkpoint, optimizer and scheduler files);
+    in a run folder exported only as peft, peft/pytorch_lora_weights.safetensors."""
     path = Path(path)
     if not path.is_dir():
         return path
     candidates = sorted(p for p in path.glob("*.safetensors")
                         if not any(word in p.name for word in ("checkpoint", "optimizer", "scheduler")))
+    if not candidates and (path / PEFT_WEIGHT_NAME).is_file():
+        return path / PEFT_WEIGHT_NAME
     preferred = [p for p in candidates if p.name == DIFFUSERS_WEIGHT_NAME]
     # diffusers 0.42 warns and loads whichever file os.listdir gives first: a silent pick, refused here
     if not preferred and len(candidates) > 1:
@@ -233,7 +249,7 @@ def lora_file(path: str | Path) -> Path:
 
 
 def read_lora(path: str | Path, unet_config: dict) -> tuple[dict[str, LoraModule], dict[str, str]]:
-    """A LoRA file (diffusers or kohya, diffusers or sgm names) or a folder holding pytorch_lora_weights.safetensors,
+    """A LoRA file (kohya or PEFT keys, diffusers or sgm names) or a folder holding pytorch_lora_weights.safetensors,
     strictly: every key is placed on a module of this UNet, every value is finite, or the read fails, naming the file
     and the keys."""
     path, tensors, meta = _read_lora_file(path)

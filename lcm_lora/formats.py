@@ -3,7 +3,7 @@
 Internal form: {diffusers module path: LoraModule}, e.g. "down_blocks.1.attentions.0.proj_in". A module
 adds ΔW = (alpha / rank) · up @ down to its base weight: the rule of kohya, ComfyUI, A1111, InvokeAI and
 PEFT alike (kohya-ss/sd-scripts networks/lora.py; comfy/lora.py). Writers name keys; the strict reader refuses what it cannot place,
-so a key is never dropped silently. No file IO here: safetensors stays in export.py.
+so a key is never dropped silently. No file IO here: safetensors stays in safetensors_io.py.
 """
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ def kohya_stem(module_path: str) -> str:
 
 # -- writers -----------------------------------------------------------------------------------------
 
-def to_diffusers_keys(modules: dict[str, LoraModule], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """`unet.<path>.lora_A.weight` / `lora_B.weight`, with alpha / r baked into lora_B: the file then loads at
-    the right scale in every diffusers version, with or without metadata."""
+def to_peft_keys(modules: dict[str, LoraModule], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """PEFT's names as diffusers' `save_lora_weights` writes them, `unet.<path>.lora_A.weight` / `lora_B.weight`,
+    with alpha / r baked into lora_B: the file then loads at the right scale in every diffusers version, with or
+    without metadata. Only diffusers loads these keys in full (ComfyUI skips the attention projections)."""
     out = {}
     for path, m in modules.items():
         dtype_of = dtype or m.down.dtype

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
 
 from .config import ModelArgs
 from .export import check_lora_for_diffusers, lcm_scheduler_settings
 from .formats import LoraFormatError, number
-from .models import is_single_file, resolve_teacher, unet_config
-from .safetensors_io import check_outputs
+from .model_ref import resolve_model
+from .models import unet_config
+from .safetensors_io import check_outputs, read_metadata
 from .single_file import load_single_file_pipeline
 from .world import assets
 
@@ -30,6 +35,7 @@ def load_lcm_pipeline(pretrained_model: str, lora: str | Path | None, device: st
     against the model's UNet config before any weight loads (export.check_lora_for_diffusers): a LoRA that does
     not fit is refused, never silently left out.
     """
+    resolve_model(pretrained_model, single_file_config, flag="--pretrained_model")  # one line if it names nothing
     lora = assets.resolve(lora) if lora is not None else None  # a path, or the bundled style-dusk example
     settings = lcm_scheduler_settings(lora) if lora is not None else {}
     for name, value, integer in (("original_inference_steps", original_inference_steps, True),
@@ -52,11 +58,13 @@ def load_lcm_pipeline(pretrained_model: str, lora: str | Path | None, device: st
 
 
 def load_base_pipeline(pretrained_model: str, single_file_config: str | None = None):
-    """A diffusers pipeline from a hub id, folder, bundled teacher or single-file checkpoint, safetensors only."""
-    source = resolve_teacher(pretrained_model)
-    if is_single_file(source):
-        return load_single_file_pipeline(source, single_file_config)
-    return DiffusionPipeline.from_pretrained(source, safety_checker=None, use_safetensors=True)
+    """A diffusers pipeline from a hub id, folder, bundled teacher or single-file checkpoint, safetensors only; a
+    reference that names nothing, or a file with a broken header, is a one-line error naming it."""
+    ref = resolve_model(pretrained_model, single_file_config, flag="--pretrained_model")
+    if ref.single_file:
+        read_metadata(ref.location)
+        return load_single_file_pipeline(ref.location, single_file_config)
+    return DiffusionPipeline.from_pretrained(ref.location, safety_checker=None, use_safetensors=True)
 
 
 def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
@@ -68,27 +76,104 @@ def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image of a run: its prompt (and index among the prompts), negative prompt and own seed."""
+    prompt_index: int
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+
+    @property
+    def file_name(self) -> str:  # fixed widths, so names sort by prompt, then seed
+        return f"p{self.prompt_index:03d}-s{self.seed:010d}.png"
+
+
+def image_specs(prompts: list[str], seed: int, num_images_per_prompt: int = 1,
+                negative_prompts: list[str] | None = None) -> list[ImageSpec]:
+    """Image k of the run (prompts in order, `num_images_per_prompt` each) gets seed + k, its own: `draw` seeds its
+    noise with it alone, so its prompt and seed draw it again in any run. `negative_prompts`: None, one for every
+    prompt, or one per prompt."""
+    negatives = negative_prompts or [None]
+    if len(negatives) not in (1, len(prompts)):
+        raise ValueError(f"give one negative prompt, or one per prompt ({len(prompts)}); got {len(negatives)}.")
+    if not 0 <= seed <= 2**64 - len(prompts) * num_images_per_prompt:  # torch seeds are 64-bit unsigned
+        raise ValueError(f"the seed must be at least 0 and its images' seeds below 2**64, got {seed}.")
+    negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+    return [ImageSpec(i, prompt, negative, seed + i * num_images_per_prompt + j)
+            for i, (prompt, negative) in enumerate(zip(prompts, negatives)) for j in range(num_images_per_prompt)]
+
+
 @torch.no_grad()
+def draw(pipe, specs: list[ImageSpec], num_inference_steps: int, guidance_scale: float, height: int | None = None,
+         width: int | None = None, batch_size: int = 1, progress: bool = False) -> list[Image.Image]:
+    """The images of `specs`, `batch_size` per pipeline call. Each image's noise comes from a CPU generator seeded with
+    its own seed, the same on every device and in every batch; its pixels match across batch sizes up to the float
+    rounding of batched kernels (a rare pixel may move by one level in 255)."""
+    images = []
+    with tqdm(total=len(specs), unit="image", desc="generate", disable=not progress) as bar:
+        for start in range(0, len(specs), batch_size):
+            batch = specs[start:start + batch_size]
+            negative = [s.negative_prompt for s in batch] if batch[0].negative_prompt is not None else None
+            out = pipe([s.prompt for s in batch], negative_prompt=negative, num_inference_steps=num_inference_steps,
+                       guidance_scale=guidance_scale, generator=[torch.Generator().manual_seed(s.seed) for s in batch],
+                       height=height, width=width, output_type="np")
+            images += [Image.fromarray((im * 255).round().clip(0, 255).astype(np.uint8)) for im in out.images]
+            bar.update(len(batch))
+    return images
+
+
 def generate(pipe, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int,
              height: int | None = None, width: int | None = None) -> list[Image.Image]:
-    generator = torch.Generator(pipe.device).manual_seed(seed)
-    out = pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-               generator=generator, height=height, width=width, output_type="np")
-    return [Image.fromarray((im * 255).round().clip(0, 255).astype(np.uint8)) for im in out.images]
+    """One image per prompt, all in one pipeline call; prompt i gets seed + i."""
+    return draw(pipe, image_specs(prompts, seed), num_inference_steps, guidance_scale, height, width, len(prompts))
 
 
-def image_paths(output_dir: str | Path, count: int, prefix: str = "") -> list[Path]:
-    """The files `save_images` writes for `count` images: one PNG each, then grid.png."""
+def settings_text(pipe, model: str, lora: str | None, steps: int, guidance_scale: float) -> dict[str, str]:
+    """The run's settings for `png_info`: with an image's prompts and seed, what draws it again."""
+    scheduler = pipe.scheduler.config
+    return {"num_inference_steps": str(steps), "guidance_scale": str(guidance_scale), "model": model,
+            "lora": lora or "", "scheduler": type(pipe.scheduler).__name__,
+            "original_inference_steps": str(scheduler.get("original_inference_steps", "")),
+            "timestep_scaling": str(scheduler.get("timestep_scaling", ""))}
+
+
+def image_paths(output_dir: str | Path, specs: list[ImageSpec]) -> list[Path]:
+    """The files `save_images` writes: one PNG per image (`ImageSpec.file_name`), then grid.png."""
     output_dir = Path(output_dir)
-    return [output_dir / f"{prefix}{i:03d}.png" for i in range(count)] + [output_dir / f"{prefix}grid.png"]
+    return [output_dir / spec.file_name for spec in specs] + [output_dir / "grid.png"]
 
 
-def save_images(images: list[Image.Image], output_dir: str | Path, prefix: str = "", overwrite: bool = False) -> Path:
-    """PNG per image plus grid.png; returns the grid's path. An existing image is replaced only with `overwrite`."""
-    *paths, grid_path = image_paths(output_dir, len(images), prefix)
+def png_info(spec: ImageSpec, settings: dict[str, str], size: tuple[int, int]) -> PngInfo:
+    """What made the image, as PNG text: a lcm_lora.<field> key per field, and A1111's `parameters` text that image
+    UIs read. (No plain `prompt` key: ComfyUI reads that one as its workflow JSON.)"""
+    fields = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt or "", "seed": str(spec.seed), **settings}
+    info = PngInfo()
+    for key, value in fields.items():
+        info.add_text(f"lcm_lora.{key}", value)  # text that is not Latin-1 goes to an iTXt chunk, as UTF-8
+    a1111 = {"Steps": fields["num_inference_steps"], "Sampler": fields["scheduler"],
+             "CFG scale": fields["guidance_scale"], "Seed": fields["seed"], "Size": "{}x{}".format(*size),
+             "Model": fields["model"], "Lora": fields["lora"]}
+    lines = [spec.prompt] + [f"Negative prompt: {spec.negative_prompt}"] * bool(spec.negative_prompt)
+    lines.append(", ".join(f"{key}: {_a1111_quote(value)}" for key, value in a1111.items() if value))
+    info.add_text("parameters", "\n".join(lines))
+    return info
+
+
+def _a1111_quote(value: str) -> str:  # as A1111 writes a value holding its separators
+    return json.dumps(value) if any(c in value for c in ",:\n") else value
+
+
+def save_images(images: list[Image.Image], specs: list[ImageSpec], output_dir: str | Path, settings: dict[str, str],
+                overwrite: bool = False) -> Path:
+    """A PNG per image, with `png_info`, plus grid.png (a row per prompt when prompts have several images); returns
+    the grid's path. An existing file is replaced only with `overwrite`, and nothing else in `output_dir` is touched.
+    `settings`: from `settings_text`."""
+    *paths, grid_path = image_paths(output_dir, specs)
     check_outputs([*paths, grid_path], [], overwrite)
     grid_path.parent.mkdir(parents=True, exist_ok=True)
-    for path, image in zip(paths, images):
-        image.save(path)
-    make_grid(images, columns=min(len(images), 8)).save(grid_path)
+    for path, image, spec in zip(paths, images, specs):
+        image.save(path, pnginfo=png_info(spec, settings, image.size))
+    per_prompt = sum(spec.prompt_index == specs[0].prompt_index for spec in specs)
+    make_grid(images, columns=per_prompt if per_prompt > 1 else min(len(images), 8)).save(grid_path)
     return grid_path

@@ -17,6 +17,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .config import PREDICTION_TYPES, ConfigError, LoraArgs, ModelArgs
 from .families import SDXL_FAMILY, model_family, refiner_problem
+from .model_ref import ModelRef, resolve_model
 from .world import assets
 
 
@@ -43,29 +44,21 @@ class Teacher:
 
 
 def resolve_teacher(name_or_path: str) -> str:
-    """A bundled tiny teacher's name, a local folder, or a hub id (returned unchanged)."""
+    """A bundled tiny model's name as its folder or file; anything else unchanged (see model_ref for the checks)."""
     if name_or_path in assets.BUNDLED:
         return str(assets.resolve(name_or_path))
     return name_or_path
 
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-
-
-def is_single_file(source: str) -> bool:
-    """A community checkpoint: one file in the original SD key layout rather than a diffusers folder."""
-    return Path(source).suffix in SINGLE_FILE_SUFFIXES
+def model_ref(args: ModelArgs) -> ModelRef:
+    """The teacher's ModelRef (where its weights and its config files are), or a ConfigError naming the flag."""
+    return resolve_model(args.pretrained_teacher_model, args.single_file_config, args.revision)
 
 
 def config_source(args: ModelArgs) -> str:
-    """Where the teacher's config files live: its folder or hub id, or the --single_file_config folder of a single
-    file (a bundled teacher's name and a cached hub id resolve to folders: never a download)."""
-    source = resolve_teacher(args.pretrained_teacher_model)
-    if not is_single_file(source):
-        return source
-    from .single_file import config_folder
-
-    return str(config_folder(args.single_file_config, source))
+    """The local folder of the teacher's config files: its own folder, the cache's copy of a hub repo's configs, or
+    the --single_file_config folder of a single file."""
+    return model_ref(args).configs
 
 
 def unet_config(args: ModelArgs) -> dict:
@@ -92,9 +85,10 @@ def unet_module_paths(unet_config: dict) -> dict[str, torch.Size]:
 
 def load_teacher(args: ModelArgs, encoders: bool = True, unet: bool = True) -> Teacher:
     """The teacher's parts from a hub id, a folder or a single file; `encoders` / `unet` False leave those out."""
-    source = resolve_teacher(args.pretrained_teacher_model)
-    if is_single_file(source):
+    ref = model_ref(args)
+    if ref.single_file:
         return _load_single_file_teacher(args, encoders, unet)
+    source = ref.location
     if Path(source).exists() and not (Path(source) / "unet").is_dir():
         raise FileNotFoundError(
             f"--pretrained_teacher_model {source}: no 'unet' subfolder. Give a diffusers pipeline folder "
@@ -170,7 +164,7 @@ def _load_single_file_teacher(args: ModelArgs, encoders: bool, unet: bool) -> Te
     """diffusers' from_single_file builds every part; the ones not asked for are dropped at once."""
     from .single_file import load_single_file_pipeline
 
-    pipe = load_single_file_pipeline(resolve_teacher(args.pretrained_teacher_model), args.single_file_config,
+    pipe = load_single_file_pipeline(model_ref(args).location, args.single_file_config,
                                      allow_pickle_weights=args.allow_pickle_weights)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Teacher(
@@ -208,17 +202,18 @@ def _has_pickle_weights(source: str) -> bool:
 
 def teacher_problems(args: ModelArgs, resolution: int, num_ddim_timesteps: int, encoders: bool = True) -> list[str]:
     """What makes the teacher unusable for this run, read from its config files before any weight loads."""
-    name, source = args.pretrained_teacher_model, resolve_teacher(args.pretrained_teacher_model)
-    flag = f"--pretrained_teacher_model {name}"
-    if is_single_file(source):
+    flag = f"--pretrained_teacher_model {args.pretrained_teacher_model}"
+    try:
+        ref = model_ref(args)
+    except ConfigError as err:
+        return [str(err)]
+    if ref.single_file:
         from .single_file import single_file_problems
 
-        problems = single_file_problems(source, args.single_file_config, args.allow_pickle_weights)
+        problems = single_file_problems(ref.location, args.single_file_config, args.allow_pickle_weights)
         if problems:
             return [f"{flag}: {p}" for p in problems]
-        source = config_source(args)
-    elif not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-        return [f"{flag}: no such folder."]  # a hub id is owner/name; anything else is a path
+    source = ref.configs
     if Path(source).is_dir():
         needed = ["unet", "scheduler"] + (["vae", "text_encoder", "tokenizer"] if encoders else [])
         if (Path(source) / "unet").is_dir():
@@ -340,8 +335,8 @@ def teacher_fingerprint(args: ModelArgs) -> dict:
         for key in [k for k in config if k.startswith("_") or k == "transformers_version"]:
             config.pop(key)
     digest = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    name, weights = args.pretrained_teacher_model, resolve_teacher(args.pretrained_teacher_model)
-    teacher = name if name in assets.BUNDLED or not Path(weights).exists() else str(Path(weights).resolve())
+    ref = model_ref(args)
+    teacher = ref.location if ref.kind == "hub" else ref.name if ref.kind == "bundled" else str(Path(ref.location).resolve())
     return {"family": "sdxl" if sdxl else "sd", "teacher": teacher, "revision": args.revision, "variant": args.variant,
             "vae": args.pretrained_vae_model_name_or_path, "encoder_configs": digest}
 

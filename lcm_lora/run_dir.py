@@ -21,7 +21,7 @@ import yaml
 
 from .checkpoint import check_intact, checkpoint_step, checkpoints, find_checkpoint, read_record
 from .config import ConfigError, TrainConfig
-from .export import DIFFUSERS_WEIGHT_NAME
+from .export import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME
 from .safetensors_io import read_metadata
 
 LOCK_NAME = ".lcm-lora.lock"
@@ -163,7 +163,7 @@ def _saved_config(folder: Path) -> dict | None:
 def _lora_steps(folder: Path) -> int | None:
     """The steps_trained recorded in the folder's exported LoRA; None when there is none."""
     path = folder / DIFFUSERS_WEIGHT_NAME
-    candidates = [path] if path.is_file() else sorted(folder.glob("*.safetensors"))
+    candidates = [path] if path.is_file() else [*sorted(folder.glob("*.safetensors")), folder / PEFT_WEIGHT_NAME]
     for candidate in candidates:
         try:
             return int(read_metadata(candidate)["lcm_lora.steps_trained"])
@@ -203,7 +203,7 @@ def _run_flags(flat: dict) -> dict:
 
 
 def _lora_files(out: Path, saved: dict | None) -> list[Path]:
-    names = {DIFFUSERS_WEIGHT_NAME, f"hub/{DIFFUSERS_WEIGHT_NAME}"}
+    names = {DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, f"hub/{DIFFUSERS_WEIGHT_NAME}"}  # hub/: the former "hub" format
     if saved and saved.get("output_name"):
         names.add(f"{saved['output_name']}.safetensors")
     found = [out / n for n in sorted(names) if (out / n).is_file()]

@@ -33,18 +33,30 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str]) -> Path:
-    """Write to a temporary name and rename, so a kill mid-write never leaves a half file."""
+    """Write to a temporary name and rename, so a kill mid-write never leaves a half file. The file gets the mode any
+    new file gets under the user's umask (safetensors itself writes 0600), so other users can read it when the umask
+    lets them."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        mode = new_file_mode(tmp)
         save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
     return path
+
+
+def new_file_mode(path: Path) -> int:
+    """The permission bits of a file created at `path` under the current umask (0o666 & ~umask), read by creating it:
+    unlike os.umask, this never changes the process-wide umask under other threads."""
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return path.stat().st_mode & 0o777
 
 
 def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path | None], overwrite: bool) -> None:

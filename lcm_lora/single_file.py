@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .model_ref import hub_configs, looks_like_hub_id
 from .safetensors_io import save_safetensors_atomic
 from .world import assets
 
@@ -182,7 +183,6 @@ LEGACY_LOAD_KWARGS = ("prediction_type", "scheduler_type", "original_config", "o
 LOAD_DEFAULTS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 SDXL_LOAD_DEFAULTS = {"feature_extractor": None, "image_encoder": None}  # StableDiffusionXLPipeline has no checker
 OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
-CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]  # what diffusers fetches for configs
 
 
 # ===== name tables =============================================================================
@@ -484,20 +484,6 @@ def save_single_file(pipe, path: str | Path, metadata: dict[str, str] | None = N
     return save_safetensors_atomic(tensors, Path(path), {"format": "pt", **(metadata or {})})
 
 
-def _looks_like_repo_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-
-
-def _cached_hub_snapshot(repo_id: str) -> Path | None:
-    """The local cache's copy of a hub repo's configs, never a download."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=CONFIG_PATTERNS))
-    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid repo id
-        return None
-
-
 def _pipeline_components(folder: Path) -> list[str]:
     import json
 
@@ -515,8 +501,11 @@ def config_folder(config: str | Path | None, checkpoint: str | Path) -> Path:
     if config is None:
         raise ConfigError(f"{how}; none was given.")
     folder = assets.resolve(config)
-    if not folder.is_dir() and _looks_like_repo_id(str(config)):
-        folder = _cached_hub_snapshot(str(config)) or folder
+    if not folder.is_dir() and looks_like_hub_id(str(config)):
+        try:
+            folder = hub_configs(str(config), None, "--single_file_config")
+        except ConfigError as err:
+            raise ConfigError(f"{how}; {err}") from None
     if not (folder / "model_index.json").is_file():
         raise ConfigError(f"{how}; {config} is not such a folder (no model_index.json), nor a hub id in the local "
                           "cache.")

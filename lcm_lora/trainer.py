@@ -32,9 +32,9 @@ from .data.cache import make_cached_dataloader, read_manifest, sample_latents
 from .data.loader import input_ids_key, tokenize
 from .data.shards import make_shard_dataloader
 from .distill import lcd_loss
-from .models import (TargetEMA, Teacher, adapter_disabled, attach_lora, is_sdxl, load_teacher, teacher_fingerprint,
-                     teacher_problems)
-from .run_dir import OutputLock, RunPlan, plan_run, remove_earlier_run
+from .models import TargetEMA, Teacher, adapter_disabled, attach_lora, is_sdxl, load_teacher, teacher_fingerprint
+from .preflight import check_training, plan_summary
+from .run_dir import OutputLock, RunPlan, remove_earlier_run
 from .schedule import ddim_timesteps
 
 logger = logging.getLogger(__name__)
@@ -91,10 +91,16 @@ def vae_dtype(teacher: Teacher, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def make_optimizer(params: list[torch.nn.Parameter], o: OptimArgs) -> torch.optim.AdamW:
-    """AdamW over the LoRA tensors, as the trainer and the step benchmark both build it."""
-    return torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
-                             weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
+def make_optimizer(params: list[torch.nn.Parameter], o: OptimArgs, num_processes: int = 1) -> torch.optim.Optimizer:
+    """AdamW over the LoRA tensors (bitsandbytes' 8-bit AdamW with --use_8bit_adam), as the trainer and the step
+    benchmark both build it; --scale_lr scales the rate as diffusers' scripts do."""
+    lr = o.learning_rate * (o.train_batch_size * o.gradient_accumulation_steps * num_processes if o.scale_lr else 1)
+    kwargs = dict(lr=lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
+    if o.use_8bit_adam:
+        import bitsandbytes as bnb  # preflight checked it is installed
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def export_lora(accelerator: Accelerator, unet, config: TrainConfig, teacher: Teacher, step: int, out_dir: Path,
@@ -179,7 +185,7 @@ def encode_batch(teacher: Teacher, batch: dict, device, scaling_factor: float, d
         if "pooled_embeds" in batch:
             c["pooled"] = batch["pooled_embeds"].to(device)
     else:
-        x0 = teacher.vae.encode(batch["pixel_values"].to(device, teacher.vae.dtype)).latent_dist.sample().float()
+        x0 = encode_images(teacher.vae, batch["pixel_values"].to(device, teacher.vae.dtype), d.vae_encode_batch_size)
         x0 = x0 * scaling_factor
         ids = tuple(batch[input_ids_key(i)].to(device) for i in range(len(teacher.text_encoders)))
         c = encode_text(teacher.text_encoders, ids)
@@ -191,6 +197,11 @@ def encode_batch(teacher: Teacher, batch: dict, device, scaling_factor: float, d
         logger.warning("non-finite VAE latents in this batch: the update is skipped. Encode in fp32 or bf16, or give "
                        "an fp16-safe VAE with --pretrained_vae_model_name_or_path.")
     return x0, c
+
+
+def encode_images(vae, pixels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """A posterior sample of each image's latent (fp32), encoded `chunk` images at a time to bound the VAE's memory."""
+    return torch.cat([vae.encode(part).latent_dist.sample().float() for part in pixels.split(chunk)])
 
 
 @torch.no_grad()
@@ -206,8 +217,8 @@ def make_data(config: TrainConfig, teacher: Teacher, accelerator: Accelerator):
     Map-style loaders go through `accelerator.prepare` (it shards them by rank); a shard stream splits
     its shards by rank itself and is not wrapped (Accelerate would read every shard on the main process)."""
     d, o, seed = config.data, config.optim, config.run.seed or 0
-    if d.cache_dir:
-        manifest = read_manifest(d.cache_dir, teacher_fingerprint(config.model), d.resolution)
+    if d.encodings_dir:
+        manifest = read_manifest(d.encodings_dir, teacher_fingerprint(config.model), d.resolution)
         loader, empty = make_cached_dataloader(d, manifest, o.train_batch_size, seed)
         return accelerator.prepare(loader), empty, manifest["scaling_factor"]
     if d.train_shards_path_or_url:
@@ -308,7 +319,7 @@ class NonFiniteGuard:
 
 def train(config: TrainConfig) -> Path:
     """Distill an LCM-LoRA; returns the folder holding pytorch_lora_weights.safetensors."""
-    plan = check_before_loading(config)
+    plan = check_training(config)
     out = Path(config.run.output_dir)
     accelerator = make_accelerator(config)
     if plan.finished:
@@ -317,22 +328,11 @@ def train(config: TrainConfig) -> Path:
                           "to train on.")
         end_processes(accelerator)
         return out
+    accelerator.print(plan_summary(config, plan))
     with claimed(accelerator, out):
         if accelerator.is_main_process:
-            remove_earlier_run(plan.replace)  # only with --overwrite: check_before_loading refused it otherwise
+            remove_earlier_run(plan.replace)  # only with --overwrite: check_training refused it otherwise
         return distill(config, plan, accelerator)
-
-
-def check_before_loading(config: TrainConfig) -> RunPlan:
-    """Every problem of the flags, the teacher's config files, the output folder and the resume target, found
-    before any weight loads; ConfigError lists them by flag."""
-    problems = config.validate()
-    if not problems:
-        problems = teacher_problems(config.model, config.data.resolution, config.distill.num_ddim_timesteps,
-                                    encoders=not config.data.cache_dir)
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    return plan_run(config)
 
 
 @contextlib.contextmanager
@@ -358,11 +358,11 @@ def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator) -> Pat
     out = Path(config.run.output_dir)
     if config.run.seed is not None:
         set_seed(config.run.seed)
-    teacher = load_teacher(config.model, encoders=not config.data.cache_dir)
+    teacher = load_teacher(config.model, encoders=not config.data.encodings_dir)
     unet = prepare_models(config, teacher, accelerator)
     trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}  # the LoRA, named for the EMA
     params = list(trainable.values())  # a list: clipping must see them again
-    optimizer = make_optimizer(params, config.optim)
+    optimizer = make_optimizer(params, config.optim, accelerator.num_processes)
     o = config.optim
     lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=o.max_train_steps * accelerator.num_processes)
@@ -389,12 +389,10 @@ def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator) -> Pat
         accelerator.load_state(str(plan.checkpoint))
         global_step = checkpoint_step(plan.checkpoint)
         accelerator.print(f"resumed from {plan.checkpoint} at step {global_step}")
-    elif config.run.resume_from_checkpoint == "latest":
-        accelerator.print(f"no checkpoint in {out}: starting a new run")
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(to_yaml(config))
         if accelerator.trackers == [] and config.run.report_to != "none":
-            accelerator.init_trackers("lcm-lora", config={k: str(v) for k, v in config.to_flat_dict().items()})
+            accelerator.init_trackers(config.run.tracker_project_name, config={k: str(v) for k, v in config.to_flat_dict().items()})
 
     progress = tqdm(total=o.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="distill")

@@ -51,7 +51,7 @@ def _run(monkeypatch, config: TrainConfig) -> tuple[list[float], dict, object]:
 def test_training_from_a_cache_gives_the_same_losses_without_the_encoders(world, monkeypatch, tmp_path):
     images, cache = world
     losses_a, lora_a, _ = _run(monkeypatch, _config(train_data_dir=str(images), output_dir=str(tmp_path / "a")))
-    losses_b, lora_b, teacher = _run(monkeypatch, _config(cache_dir=str(cache), output_dir=str(tmp_path / "b")))
+    losses_b, lora_b, teacher = _run(monkeypatch, _config(encodings_dir=str(cache), output_dir=str(tmp_path / "b")))
     assert teacher.vae is None and teacher.text_encoder is None and teacher.tokenizer is None
     assert len(losses_a) == len(losses_b) == 3
     # Same batches, captions, emptied prompts and posterior samples: measured bit-identical on CPU;
@@ -64,19 +64,19 @@ def test_training_from_a_cache_gives_the_same_losses_without_the_encoders(world,
 def test_a_cache_for_another_teacher_or_resolution_is_refused(world, tmp_path):
     _, cache = world
     with pytest.raises(DataError, match="written for another teacher.*teacher-eps.*teacher-vpred"):
-        trainer.train(_config(cache_dir=str(cache), pretrained_teacher_model="teacher-vpred",
+        trainer.train(_config(encodings_dir=str(cache), pretrained_teacher_model="teacher-vpred",
                               output_dir=str(tmp_path)))
     with pytest.raises(DataError, match="holds --resolution 64, this run asks for 32"):
-        trainer.train(_config(cache_dir=str(cache), resolution=32, output_dir=str(tmp_path)))
+        trainer.train(_config(encodings_dir=str(cache), resolution=32, output_dir=str(tmp_path)))
     with pytest.raises(DataError, match="no manifest.json"):
-        trainer.train(_config(cache_dir=str(tmp_path), output_dir=str(tmp_path / "out")))
+        trainer.train(_config(encodings_dir=str(tmp_path), output_dir=str(tmp_path / "out")))
 
 
 def test_cache_flags_that_it_cannot_honour_are_rejected():
-    problems = _config(cache_dir="c", random_flip=True).validate()
-    assert any("--cache_dir holds one center crop" in p for p in problems)
-    assert any("only one of --train_data_dir, --cache_dir" in p
-               for p in _config(cache_dir="c", train_data_dir="d").validate())
+    problems = _config(encodings_dir="c", random_flip=True).validate()
+    assert any("--encodings_dir holds one center crop" in p for p in problems)
+    assert any("only one of --train_data_dir, --encodings_dir" in p
+               for p in _config(encodings_dir="c", train_data_dir="d").validate())
 
 
 def test_a_cache_from_shards_holds_the_same_encodings_as_from_the_folder(world, tmp_path):
@@ -97,10 +97,10 @@ def test_a_data_source_on_the_command_line_replaces_the_presets(tmp_path):
 
     preset = tmp_path / "preset.yaml"
     preset.write_text("pretrained_teacher_model: teacher-eps\ntrain_data_dir: data/tiny-world\n")
-    config, _ = parse_train_args(["--config", str(preset), "--cache_dir", "cache/x"])
-    assert (config.data.cache_dir, config.data.train_data_dir) == ("cache/x", None)
+    config, _ = parse_train_args(["--config", str(preset), "--encodings_dir", "cache/x"])
+    assert (config.data.encodings_dir, config.data.train_data_dir) == ("cache/x", None)
     config, _ = parse_train_args(["--config", str(preset)])
-    assert (config.data.cache_dir, config.data.train_data_dir) == (None, "data/tiny-world")
+    assert (config.data.encodings_dir, config.data.train_data_dir) == (None, "data/tiny-world")
 
 
 def test_the_cache_command_keeps_the_presets_source(world, tmp_path):
@@ -109,7 +109,7 @@ def test_the_cache_command_keeps_the_presets_source(world, tmp_path):
     images, cache = world
     preset = tmp_path / "preset.yaml"
     preset.write_text(f"pretrained_teacher_model: teacher-eps\ntrain_data_dir: {images}\nresolution: 64\n")
-    cache_main(["--config", str(preset), "--cache_dir", str(tmp_path / "c")])  # --cache_dir: the output here
+    cache_main(["--config", str(preset), "--encodings_dir", str(tmp_path / "c")])  # --encodings_dir: the output here
     written = load_file(tmp_path / "c" / "shard-00000.safetensors")
     assert torch.equal(written["latent_parameters"], load_file(cache / "shard-00000.safetensors")["latent_parameters"])
 
@@ -121,4 +121,4 @@ def test_the_cache_command_checks_the_teacher_before_loading_it(tmp_path, monkey
     monkeypatch.setattr(caching, "load_teacher", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(SystemExit, match="--resolution 63 is not a multiple of the VAE's downsampling factor 4"):
         cache_main(["--pretrained_teacher_model", "teacher-eps", "--train_data_dir", str(tmp_path),
-                    "--resolution", "63", "--cache_dir", str(tmp_path / "c")])
+                    "--resolution", "63", "--encodings_dir", str(tmp_path / "c")])

@@ -1,5 +1,8 @@
 """The typed config: flags over YAML over defaults, clear errors, dry-run output."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +11,10 @@ import pytest
 import yaml
 
 from lcm_lora.config import ConfigError, TrainConfig, build_parser, parse_train_args, to_yaml
+from lcm_lora.world import assets
+from lcm_lora.world.assets import BUNDLED
+from lcm_lora.world.dataset import write_imagefolder
+from unet_shapes import SD15_UNET, SD21_UNET, SDXL_UNET, SSD1B_UNET, VEGA_UNET
 
 ROOT = Path(__file__).parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -61,13 +68,39 @@ def test_yaml_round_trip_is_exact():
     assert again == config
 
 
+def _hub_cache_with_configs(cache: Path, repo_id: str, like: Path, unet_config: dict | None) -> None:
+    """A Hugging Face cache holding `repo_id`'s config files (no weights), taken from the bundled teacher `like`
+    with the real UNet config: what `--dry-run` reads of a hub teacher, offline."""
+    snapshot = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(like, snapshot, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    if unet_config is not None:  # the real layout (diffusers' defaults for what it leaves out)
+        (snapshot / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                                   **unet_config}))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
-def test_every_preset_loads_and_dry_run_prints_it(preset):
-    result = subprocess.run([sys.executable, str(ROOT / "train_lcm_lora.py"), "--config", str(preset), "--dry-run"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+def test_every_preset_passes_dry_run_and_prints_itself(preset, tmp_path):
+    """Every check train makes before loading weights passes for each preset: its hub teacher read from a local
+    cache holding the real UNet config (no network), a data folder and a fresh output folder given."""
+    values = yaml.safe_load(preset.read_text())
+    teacher, env = values["pretrained_teacher_model"], {**os.environ, "HF_HUB_OFFLINE": "1",
+                                                         "HF_HUB_CACHE": str(tmp_path / "hub")}
+    if teacher not in BUNDLED:
+        family = {"stable-diffusion-xl-base-1.0": SDXL_UNET, "SSD-1B": SSD1B_UNET, "Segmind-Vega": VEGA_UNET,
+                  "stable-diffusion-v1-5": SD15_UNET, "stable-diffusion-2-1": SD21_UNET}[teacher.split("/")[1]]
+        like = ("teacher-sdxl" if family in (SDXL_UNET, SSD1B_UNET, VEGA_UNET) else
+                "teacher-vpred" if family is SD21_UNET else "teacher-eps")
+        _hub_cache_with_configs(tmp_path / "hub", teacher, assets.resolve(like), family)
+    data = write_imagefolder(tmp_path / "images", 32)  # a full batch of every preset
+    flags = ["--train_data_dir", str(data), "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run([sys.executable, str(ROOT / "train_lcm_lora.py"), "--config", str(preset), *flags,
+                             "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
-    assert printed == {**TrainConfig().to_flat_dict(), **yaml.safe_load(preset.read_text())}
+    assert printed == {**TrainConfig().to_flat_dict(), **values, "train_data_dir": str(data),
+                       "output_dir": str(tmp_path / "out")}
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -72,12 +72,13 @@ def test_every_format_loads_fuses_and_unfuses_like_the_student(tmp_path, rank, a
         student.disable_adapters()
         base = student(z, t, c).sample
         student.enable_adapters()
-    files = export.write_formats(export.lora_modules(student), tmp_path, export.EXPORT_FORMATS, torch.float32,
+    files = export.write_formats(export.lora_modules(student), tmp_path, list(export.FORMAT_FILES), torch.float32,
                                  _info(student))
     assert [p.relative_to(tmp_path).as_posix() for p in files] == [
-        "pytorch_lora_weights.safetensors", "lcm-lora-test.safetensors", "hub/pytorch_lora_weights.safetensors"]
+        "pytorch_lora_weights.safetensors", "lcm-lora-test.safetensors", "peft/pytorch_lora_weights.safetensors"]
     assert (expected - base).abs().max() > 1e-2  # the LoRA changes the output
-    for path in [tmp_path, *files[1:]]:
+    # The folder (diffusers picks its pytorch_lora_weights.safetensors), the kohya file, and the peft folder.
+    for path in [tmp_path, files[1], tmp_path / "peft"]:
         pipe = _pipe()
         base_weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
         messages = _load_quietly(pipe, path)
@@ -97,11 +98,15 @@ def test_every_format_loads_fuses_and_unfuses_like_the_student(tmp_path, rank, a
             torch.testing.assert_close(restored[key], value, atol=1e-6, rtol=0)
 
 
-def test_kohya_file_layout_dtype_and_metadata(tmp_path):
+@pytest.mark.parametrize("export_format", ["diffusers", "kohya"])
+def test_kohya_file_layout_dtype_and_metadata(tmp_path, export_format):
+    """The kohya file and the default pytorch_lora_weights.safetensors: kohya keys and the tools' metadata."""
     student = _student(4, 8.0)
     info = _info(student, config_flat={"lora_rank": 4, "lora_alpha": 8.0, "resolution": 64, "w_min": 1.0,
                                        "w_max": 2.0, "num_ddim_timesteps": 20, "timestep_scaling_factor": 10.0})
-    [path] = export.write_formats(export.lora_modules(student), tmp_path, ["kohya"], torch.float16, info)
+    [path] = export.write_formats(export.lora_modules(student), tmp_path, [export_format], torch.float16, info)
+    assert path.relative_to(tmp_path).as_posix() == {"diffusers": export.DIFFUSERS_WEIGHT_NAME,
+                                                     "kohya": "lcm-lora-test.safetensors"}[export_format]
     with safe_open(str(path), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
         tensors = {k: f.get_tensor(k) for k in keys}
@@ -120,6 +125,7 @@ def test_kohya_file_layout_dtype_and_metadata(tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.resolution"] == "64x64"
     assert meta["modelspec.prediction_type"] == "epsilon" and meta["modelspec.title"] == "lcm-lora-test"
     assert meta["lcm_lora.num_ddim_timesteps"] == "20" and "4-8 steps" in meta["modelspec.usage_hint"]
+    assert "lcm_lora.alpha_baked_into_lora_B" not in meta  # the alphas are in the file
     assert _a1111_version(meta) == "SD1"
     # Hashes as sd-scripts computes them: the file re-serialised with only the ss_* metadata.
     data = save(tensors, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
@@ -156,8 +162,8 @@ def test_rslora_and_per_module_ranks_and_alphas_keep_every_update(tmp_path):
     z, t, c = _inputs()
     with torch.no_grad():
         expected = unet(z, t, c).sample
-    export.write_formats(modules, tmp_path, ["diffusers", "kohya"], torch.float32, _info(unet))
-    for path in (tmp_path, tmp_path / "lcm-lora-test.safetensors"):
+    export.write_formats(modules, tmp_path, ["diffusers", "kohya", "peft"], torch.float32, _info(unet))
+    for path in (tmp_path, tmp_path / "lcm-lora-test.safetensors", tmp_path / "peft"):
         pipe = _pipe()
         pipe.load_lora_weights(str(path))
         with torch.no_grad():
@@ -166,14 +172,14 @@ def test_rslora_and_per_module_ranks_and_alphas_keep_every_update(tmp_path):
 
 def test_read_lora_is_strict_and_round_trips_files(tmp_path):
     student = _student(4, 8.0)
-    files = export.write_formats(export.lora_modules(student), tmp_path, ["diffusers", "kohya"], torch.float16,
-                                 _info(student))
+    files = export.write_formats(export.lora_modules(student), tmp_path, ["diffusers", "kohya", "peft"],
+                                 torch.float16, _info(student))
     config = dict(student.config)
     for path in files:
         tensors, meta = export.read_safetensors(path)
         modules, _ = export.read_lora(path, config)
         again = formats.to_kohya_keys(modules) if "lora_unet_" in next(iter(tensors)) else \
-            formats.to_diffusers_keys(modules)
+            formats.to_peft_keys(modules)
         assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
     tensors, meta = export.read_safetensors(files[1])
     tensors["lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight"] = torch.zeros(1, 1)
@@ -206,16 +212,16 @@ def test_generation_reads_the_training_grid_from_the_lora_metadata(tmp_path):
 def test_stacking_with_a_style_lora_through_set_adapters(tmp_path):
     """LCM-LoRA plus another LoRA, as diffusers users stack them: each update weighted by its adapter weight."""
     lcm = _student(4, 8.0)
-    export.write_formats(export.lora_modules(lcm), tmp_path / "lcm", ["kohya"], torch.float32, _info(lcm))
+    export.write_formats(export.lora_modules(lcm), tmp_path / "lcm", ["diffusers"], torch.float32, _info(lcm))
     style = _pipe().unet
     style.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v", "proj_out"],
                                  init_lora_weights="gaussian"))
     randomize_lora(style, seed=5)
-    export.write_formats(export.lora_modules(style), tmp_path / "style", ["diffusers"], torch.float32, _info(style))
+    export.write_formats(export.lora_modules(style), tmp_path / "style", ["peft"], torch.float32, _info(style))
 
     pipe = _pipe()
-    pipe.load_lora_weights(str(tmp_path / "lcm" / "lcm-lora-test.safetensors"), adapter_name="lcm")
-    pipe.load_lora_weights(str(tmp_path / "style"), adapter_name="style")
+    pipe.load_lora_weights(str(tmp_path / "lcm"), adapter_name="lcm")  # kohya keys
+    pipe.load_lora_weights(str(tmp_path / "style" / "peft"), adapter_name="style")  # PEFT keys
     pipe.set_adapters(["lcm", "style"], adapter_weights=[1.0, 0.6])
     expected = _pipe().unet  # the base with both updates added by hand, each times its weight
     with torch.no_grad():
@@ -256,3 +262,35 @@ def test_generation_finds_the_sampling_grid_in_a_kohya_only_run(tmp_path):
     export.write_formats(export.lora_modules(student), tmp_path, ["kohya"], torch.float32, _info(student, config_flat=flat))
     assert export.lora_file(tmp_path).name == "lcm-lora-test.safetensors"
     assert lcm_scheduler_settings(tmp_path) == {"original_inference_steps": 20, "timestep_scaling": 5.0}
+
+
+def test_the_default_file_is_the_kohya_file_and_hub_is_its_former_name(tmp_path):
+    """pytorch_lora_weights.safetensors holds the kohya file's tensors and metadata (the layout of the official
+    LCM-LoRA repos); the PEFT layout is the peft format; "hub", in old presets and commands, writes the default file
+    with a FutureWarning."""
+    from lcm_lora.config import EXPORT_FORMATS, TrainConfig
+
+    assert set(EXPORT_FORMATS) == set(export.FORMAT_FILES) | set(export.FORMAT_ALIASES)
+    assert TrainConfig().run.export_formats == ("diffusers", "kohya")
+    student = _student(4, 8.0)
+    default, kohya, peft = export.write_formats(export.lora_modules(student), tmp_path, ["diffusers", "kohya", "peft"],
+                                                torch.float16, _info(student))
+    (tensors, meta), (kohya_tensors, kohya_meta) = export.read_safetensors(default), export.read_safetensors(kohya)
+    assert all(KOHYA_KEY.match(k) for k in tensors) and tensors.keys() == kohya_tensors.keys()
+    assert all(torch.equal(tensors[k], kohya_tensors[k]) for k in tensors)
+    assert meta == kohya_meta and meta["ss_network_alpha"] == "8" and "modelspec.hash_sha256" in meta
+    peft_tensors, peft_meta = export.read_safetensors(peft)
+    assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in peft_tensors)
+    assert peft_meta["lcm_lora.alpha_baked_into_lora_B"] == "true" and "ss_network_dim" not in peft_meta
+
+    with pytest.warns(FutureWarning, match="'hub' is now 'diffusers'"):
+        files = export.write_formats(export.lora_modules(student), tmp_path / "old", ["hub", "kohya"], torch.float16,
+                                     _info(student))
+    assert [p.relative_to(tmp_path / "old").as_posix() for p in files] == [export.DIFFUSERS_WEIGHT_NAME,
+                                                                          "lcm-lora-test.safetensors"]
+    # Our readers find the PEFT file in a folder exported only as peft (diffusers: `load_lora_weights(dir/peft)`).
+    [only_peft] = export.write_formats(export.lora_modules(student), tmp_path / "run", ["peft"], torch.float16,
+                                       _info(student))
+    assert export.lora_file(tmp_path / "run") == only_peft == tmp_path / "run" / export.PEFT_WEIGHT_NAME
+    old_preset = TrainConfig.from_flat_dict({"pretrained_teacher_model": "teacher-eps", "export_formats": ["hub"]})
+    assert not [p for p in old_preset.validate() if "export_formats" in p]

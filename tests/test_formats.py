@@ -52,9 +52,9 @@ def test_kohya_keys_are_sd_scripts_names_with_one_fp32_alpha_each():
     assert len(out) == 3 * len(PATHS)
 
 
-def test_diffusers_keys_bake_the_scale_into_lora_b():
+def test_peft_keys_bake_the_scale_into_lora_b():
     m = _modules()
-    out = formats.to_diffusers_keys(m)
+    out = formats.to_peft_keys(m)
     path = "down_blocks.0.attentions.0.proj_in"  # alpha 8, rank 4: scale 2
     assert torch.equal(out[f"unet.{path}.lora_A.weight"], m[path].down)
     torch.testing.assert_close(out[f"unet.{path}.lora_B.weight"], m[path].up * 2.0, rtol=0, atol=0)
@@ -69,17 +69,17 @@ def test_round_trips_are_bit_exact(dtype):
     assert kohya.keys() == again.keys()
     assert all(torch.equal(kohya[k], again[k]) and kohya[k].dtype == again[k].dtype for k in kohya)
 
-    diffusers = formats.to_diffusers_keys(m)
-    parsed = formats.parse_lora(diffusers, SHAPES)
+    peft = formats.to_peft_keys(m)
+    parsed = formats.parse_lora(peft, SHAPES)
     assert all(p.scale == 1.0 for p in parsed.values())  # baked: the file's own scale is 1
-    again = formats.to_diffusers_keys(parsed)
-    assert diffusers.keys() == again.keys()
-    assert all(torch.equal(diffusers[k], again[k]) and diffusers[k].dtype == again[k].dtype for k in diffusers)
+    again = formats.to_peft_keys(parsed)
+    assert peft.keys() == again.keys()
+    assert all(torch.equal(peft[k], again[k]) and peft[k].dtype == again[k].dtype for k in peft)
 
 
 def test_every_format_gives_the_same_update():
     m = _modules()
-    for sd in (formats.to_kohya_keys(m), formats.to_diffusers_keys(m)):
+    for sd in (formats.to_kohya_keys(m), formats.to_peft_keys(m)):
         parsed = formats.parse_lora(sd, SHAPES)
         for path in PATHS:
             torch.testing.assert_close(formats.delta_weight(parsed[path]), formats.delta_weight(m[path]),
@@ -92,7 +92,7 @@ def test_a_kohya_file_without_alpha_has_scale_one():
 
 
 def test_diffusers_adapter_metadata_sets_the_scale_and_patterns_are_refused():
-    sd = formats.to_diffusers_keys({p: LoraModule(m.down, m.up, m.rank) for p, m in _modules().items()})
+    sd = formats.to_peft_keys({p: LoraModule(m.down, m.up, m.rank) for p, m in _modules().items()})
     meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 16})}
     assert {p.scale for p in formats.parse_lora(sd, SHAPES, meta).values()} == {4.0}
     meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 4, "alpha_pattern": {"to_q": 8}})}
@@ -135,11 +135,11 @@ def test_the_strict_reader_names_what_it_cannot_place(change, message):
 
 
 def test_the_strict_reader_refuses_unknown_diffusers_keys_and_half_pairs():
-    sd = formats.to_diffusers_keys(_modules())
+    sd = formats.to_peft_keys(_modules())
     sd["unet.down_blocks.0.resnets.0.conv1.alpha"] = torch.tensor(1.0)
     with pytest.raises(LoraFormatError, match="down_blocks.0.resnets.0.conv1.alpha"):
         formats.parse_lora(sd, SHAPES)
-    sd = formats.to_diffusers_keys(_modules())
+    sd = formats.to_peft_keys(_modules())
     sd.pop("unet.down_blocks.0.resnets.0.conv1.lora_B.weight")
     with pytest.raises(LoraFormatError, match="missing lora_B.weight"):
         formats.parse_lora(sd, SHAPES)
@@ -177,7 +177,7 @@ def test_our_adapter_metadata_keeps_mixed_ranks_at_scale_one():
     assert (config["unet.r"], config["unet.lora_alpha"]) == (4, 4)
     assert list(config["unet.rank_pattern"].values()) == [2] and config["unet.alpha_pattern"] == config["unet.rank_pattern"]
     assert sorted(config["unet.target_modules"]) == sorted(PATHS)
-    assert {p.scale for p in formats.parse_lora(formats.to_diffusers_keys(m), SHAPES, meta).values()} == {1.0}
+    assert {p.scale for p in formats.parse_lora(formats.to_peft_keys(m), SHAPES, meta).values()} == {1.0}
 
 
 def test_a_file_mixing_diffusers_and_sgm_names_is_named_as_such():

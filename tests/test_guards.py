@@ -69,7 +69,7 @@ def test_resolution_must_be_a_multiple_of_the_vae_factor(data_dir, tmp_path, no_
 
 def test_a_missing_teacher_folder_or_subfolder_is_named(data_dir, tmp_path, no_weights):
     message = _problem(_config(data_dir, tmp_path, pretrained_teacher_model=str(tmp_path / "nowhere")))
-    assert f"--pretrained_teacher_model {tmp_path / 'nowhere'}: no such folder." in message
+    assert f"--pretrained_teacher_model {tmp_path / 'nowhere'}: no such file or folder." in message
     teacher = _teacher_copy(tmp_path, lambda t: shutil.rmtree(t / "vae"))
     message = _problem(_config(data_dir, tmp_path / "out", pretrained_teacher_model=str(teacher)))
     assert "no vae subfolder" in message

@@ -160,8 +160,9 @@ def test_write_formats_writes_nothing_non_finite(tmp_path):
         up[0, 0] = value
         bad = {**modules, path: formats.LoraModule(modules[path].down, up, modules[path].alpha)}
         with pytest.raises(formats.LoraFormatError) as err:
-            export.write_formats(bad, tmp_path, ["diffusers", "kohya", "hub"], dtype, info)
-        for needle in (str(tmp_path / export.DIFFUSERS_WEIGHT_NAME), f"unet.{path}.lora_B.weight", *needles):
+            export.write_formats(bad, tmp_path, ["diffusers", "kohya", "peft"], dtype, info)
+        for needle in (str(tmp_path / export.DIFFUSERS_WEIGHT_NAME), f"{formats.kohya_stem(path)}.lora_up.weight",
+                       *needles):
             assert needle in str(err.value), (needle, str(err.value))
         assert not any(tmp_path.iterdir())
 

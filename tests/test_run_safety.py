@@ -183,7 +183,7 @@ def _cache_config(data_dir: Path, **overrides) -> TrainConfig:
 def test_a_cache_pointed_at_the_data_folder_refuses_and_deletes_nothing(data_dir, monkeypatch):
     before = _snapshot(data_dir)
     refuse_weights(monkeypatch)
-    with pytest.raises(FileExistsError, match=rf"--cache_dir {data_dir} holds files that are not a cache .*Nothing "
+    with pytest.raises(FileExistsError, match=rf"--encodings_dir {data_dir} holds files that are not a cache .*Nothing "
                                               "was changed"):
         caching.write_cache(_cache_config(data_dir), data_dir)
     assert _snapshot(data_dir) == before

@@ -16,7 +16,7 @@ from accelerate import init_empty_weights
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from lcm_lora import export
+from lcm_lora import export, formats
 from lcm_lora.cli import merge_main
 from lcm_lora.config import ConfigError, LoraArgs
 from lcm_lora.families import model_family, refiner_problem, single_file_family
@@ -149,8 +149,8 @@ def test_both_formats_load_into_the_sdxl_pipeline_and_reproduce_the_student(fami
     pipe = _pipeline(TINY[family])
     student = _student(pipe)
     modules = export.lora_modules(student)
-    diffusers_file, kohya_file = export.write_formats(modules, tmp_path, ["diffusers", "kohya"], torch.float32,
-                                                      _info(student))
+    diffusers_file, kohya_file, _ = export.write_formats(modules, tmp_path, ["diffusers", "kohya", "peft"],
+                                                         torch.float32, _info(student))
     expected = _forward(student)
     assert (expected - _forward(pipe.unet)).abs().max() > 1e-2  # the LoRA changes the output
 
@@ -168,9 +168,11 @@ def test_both_formats_load_into_the_sdxl_pipeline_and_reproduce_the_student(fami
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
-    assert meta["lcm_lora.base_family"] == family == export.read_metadata(diffusers_file)["lcm_lora.base_family"]
+    assert meta["lcm_lora.base_family"] == family
+    # The default file is the kohya file under diffusers' name (the layout of latent-consistency/lcm-lora-sdxl).
+    assert load_file(str(diffusers_file)).keys() == kohya.keys() and export.read_metadata(diffusers_file) == meta
 
-    for path in (tmp_path, kohya_file):
+    for path in (tmp_path, kohya_file, tmp_path / "peft"):
         loaded = StableDiffusionXLPipeline(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})
         messages = _load_quietly(loaded, path)
         # Only the two text encoders' "No LoRA keys associated to CLIPTextModel(WithProjection)": no UNet key unmatched.
@@ -268,3 +270,30 @@ def test_merge_into_an_sdxl_single_file_changes_only_the_lora_targets(family, tm
     assert meta["modelspec.title"] == "tiny xl" and "lcm-lora-xl" in meta["modelspec.merged_from"]
     merged_pipe = load_single_file_pipeline(merged, configs)
     torch.testing.assert_close(_forward(merged_pipe.unet), _forward(student), atol=1e-5, rtol=0)
+
+
+def test_stacking_with_a_style_lora_in_the_sdxl_pipeline(tmp_path):
+    """The LCM-LoRA (kohya file) and a style LoRA (diffusers file) stacked with set_adapters, as SDXL users combine
+    them: the UNet equals the base with each update added times its adapter weight, and the style switched off
+    leaves the LCM-LoRA alone."""
+    pipe = _pipeline(TINY_SDXL_UNET)
+    lcm = _student(pipe)
+    [lcm_file] = export.write_formats(export.lora_modules(lcm), tmp_path / "lcm", ["kohya"], torch.float32, _info(lcm))
+    style = attach_lora(copy.deepcopy(pipe.unet), LoraArgs(lora_rank=2, lora_alpha=2.0,
+                                                           lora_target_modules=("to_k", "to_v", "proj_out")))
+    randomize_lora(style, seed=5, scale=0.1)
+    export.write_formats(export.lora_modules(style), tmp_path / "style", ["diffusers"], torch.float32,
+                         _info(style, "style"))
+
+    loaded = StableDiffusionXLPipeline(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})
+    loaded.load_lora_weights(str(lcm_file), adapter_name="lcm")
+    loaded.load_lora_weights(str(tmp_path / "style"), adapter_name="style")
+    loaded.set_adapters(["lcm", "style"], adapter_weights=[1.0, 0.6])
+    expected = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        for modules, weight in ((export.lora_modules(lcm), 1.0), (export.lora_modules(style), 0.6)):
+            for path, module in modules.items():
+                expected.get_submodule(path).weight += formats.delta_weight(module, weight)
+    torch.testing.assert_close(_forward(loaded.unet), _forward(expected), atol=1e-5, rtol=0)
+    loaded.set_adapters(["lcm"])
+    torch.testing.assert_close(_forward(loaded.unet), _forward(lcm), atol=1e-5, rtol=0)

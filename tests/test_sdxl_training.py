@@ -90,7 +90,7 @@ def test_training_from_a_cache_gives_the_same_losses(world, tmp_path, monkeypatc
     teacher, images = world
     losses = {"images": [], "cache": []}
     real = trainer.lcd_loss
-    for source, extra in (("images", {"train_data_dir": str(images)}), ("cache", {"cache_dir": str(tmp_path / "c")})):
+    for source, extra in (("images", {"train_data_dir": str(images)}), ("cache", {"encodings_dir": str(tmp_path / "c")})):
         if source == "cache":
             write_cache(_config(teacher, tmp_path / "unused", train_data_dir=str(images)), tmp_path / "c")
         monkeypatch.setattr(trainer, "lcd_loss", lambda *a, _l=losses[source], **k: _l.append(real(*a, **k)) or _l[-1])
@@ -108,7 +108,9 @@ def test_the_exported_lora_loads_into_the_sdxl_pipeline_and_samples(world, tmp_p
     pipe.load_lora_weights(out)
     lora = load_file(out / DIFFUSERS_WEIGHT_NAME)
     loaded = {n for n, _ in pipe.unet.named_parameters() if "lora_" in n}
-    assert len(loaded) == len(lora)  # every tensor of the file became a LoRA parameter: nothing left unmatched
+    modules = {k.split(".")[0] for k in lora}  # kohya keys: lora_down, lora_up and alpha per module
+    assert len(lora) == 3 * len(modules)
+    assert len(loaded) == 2 * len(modules)  # every module of the file became a LoRA: nothing left unmatched
     images_out = pipe(["a red striped circle"], num_inference_steps=2, guidance_scale=1.0, height=64, width=64,
                       output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images_out.shape == (1, 64, 64, 3) and torch.isfinite(torch.from_numpy(images_out)).all()
@@ -127,6 +129,27 @@ def test_a_cache_of_another_family_is_refused(world, tmp_path):
     teacher, images = world
     write_cache(_config(teacher, tmp_path / "unused", train_data_dir=str(images)), tmp_path / "c")
     sd = TrainConfig.from_flat_dict({**_config(teacher, tmp_path / "out").to_flat_dict(),
-                                     "pretrained_teacher_model": "teacher-eps", "cache_dir": str(tmp_path / "c")})
+                                     "pretrained_teacher_model": "teacher-eps", "encodings_dir": str(tmp_path / "c")})
     with pytest.raises(DataError, match=r"written for another teacher \(.*'sdxl'.*'sd'"):
         trainer.train(sd)
+
+
+def test_an_sdxl_single_file_teacher_trains_the_same_lora_and_generates(world, tmp_path):
+    """A community SDXL fine-tune ships as one file in the original SGM layout: distilling it (with the base
+    model's config folder) gives the LoRA the diffusers folder gives, bit for bit, and generate samples with it."""
+    from lcm_lora.cli import generate_main
+    from lcm_lora.single_file import save_single_file
+
+    teacher, images = world
+    pipe = StableDiffusionXLPipeline.from_pretrained(teacher, local_files_only=True)
+    single_file = save_single_file(pipe, tmp_path / "community-xl.safetensors", {"modelspec.title": "tiny xl"})
+    from_folder = trainer.train(_config(teacher, tmp_path / "folder", train_data_dir=str(images)))
+    from_file = trainer.train(_config(single_file, tmp_path / "file", train_data_dir=str(images),
+                                      single_file_config=str(teacher)))
+    a, b = load_file(from_folder / DIFFUSERS_WEIGHT_NAME), load_file(from_file / DIFFUSERS_WEIGHT_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    generate_main(["--pretrained_model", str(single_file), "--single_file_config", str(teacher), "--lora",
+                   str(from_file), "--prompt", "a red circle", "--num_inference_steps", "2", "--height", "64", "--width", "64",
+                   "--output_dir", str(tmp_path / "gen"), "--device", "cpu"])
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["grid.png", "p000-s0000000000.png"]

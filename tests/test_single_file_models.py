@@ -33,7 +33,7 @@ def _lora(tmp_path):
     randomize_lora(unet)
     info = export.ExportInfo(config_flat={}, teacher="teacher-eps", prediction_type="epsilon", steps=1,
                              unet_config=dict(unet.config), output_name="lcm-lora-tiny")
-    export.write_formats(export.lora_modules(unet), tmp_path, ["kohya", "diffusers"], torch.float32, info)
+    export.write_formats(export.lora_modules(unet), tmp_path, ["kohya", "diffusers", "peft"], torch.float32, info)
     return tmp_path / "lcm-lora-tiny.safetensors", unet.eval(), len(export.lora_modules(unet))
 
 
@@ -67,12 +67,13 @@ def test_merge_changes_only_the_targeted_tensors_and_equals_the_fused_lora(singl
     fused.fuse_lora()
     torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(fused.unet), atol=1e-5, rtol=0)
 
-    # The diffusers file of the same LoRA (its folder) merges to the same model.
-    merge_main(["--checkpoint", str(single_file), "--lora", str(tmp_path), "--output", str(tmp_path / "m2.safetensors"),
-                "--single_file_config", str(TEACHER)])
-    again = load_file(str(tmp_path / "m2.safetensors"))
-    assert all(torch.allclose(again[k], after[k], rtol=0, atol=1e-6) for k in after)
-    assert "sshs_model_hash" not in export.read_metadata(tmp_path / "m2.safetensors")
+    # The same LoRA's diffusers file and PEFT file (their folders) merge to the same model.
+    for folder in (tmp_path, tmp_path / "peft"):
+        merge_main(["--checkpoint", str(single_file), "--lora", str(folder), "--output",
+                    str(tmp_path / "m2.safetensors"), "--single_file_config", str(TEACHER), "--overwrite"])
+        again = load_file(str(tmp_path / "m2.safetensors"))
+        assert all(torch.allclose(again[k], after[k], rtol=0, atol=1e-6) for k in after)
+        assert "sshs_model_hash" not in export.read_metadata(tmp_path / "m2.safetensors")
 
 
 def test_merge_keeps_an_fp16_checkpoint_fp16_and_refuses_overwriting(single_file, tmp_path):
@@ -101,7 +102,7 @@ def test_a_single_file_teacher_trains_the_same_lora_and_generates(single_file, t
     generate_main(["--pretrained_model", str(single_file), "--single_file_config", str(TEACHER), "--lora",
                    str(from_file), "--prompt", "a red circle", "--num_inference_steps", "2",
                    "--output_dir", str(tmp_path / "gen"), "--device", "cpu"])
-    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["000.png", "grid.png"]
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["grid.png", "p000-s0000000000.png"]
 
 
 def test_a_single_file_without_its_config_folder_is_refused_by_flag(single_file, tmp_path):

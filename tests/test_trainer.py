@@ -33,24 +33,26 @@ def test_run_writes_lora_only_checkpoints_config_and_a_loadable_lora(data_dir, t
     assert meta["lcm_lora.num_ddim_timesteps"] == "50" and "w + 1" in meta["lcm_lora.w_convention"]
     pipe = StableDiffusionPipeline.from_pretrained(resolve_teacher("teacher-eps"), safety_checker=None)
     pipe.load_lora_weights(str(out))  # loads, and the LoRA moved away from zero
-    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in load_file(out / DIFFUSERS_WEIGHT_NAME).items())
+    lora = load_file(out / DIFFUSERS_WEIGHT_NAME)
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in lora.items())
 
     # The run wrote the default formats; the export command reproduces them from the last checkpoint.
     kohya_name = "lcm-lora-teacher-eps.safetensors"
-    assert (out / kohya_name).is_file() and not (out / "hub").exists()
+    assert (out / kohya_name).is_file() and not (out / "peft").exists()
     # No --dtype: the run's --export_dtype (fp32 here) is the default.
     export_main(["--checkpoint", str(out / "checkpoint-2"), "--output_dir", str(tmp_path / "exported"),
-                 "--formats", "diffusers", "kohya", "hub"])
-    same_tensors = {DIFFUSERS_WEIGHT_NAME: DIFFUSERS_WEIGHT_NAME, kohya_name: kohya_name,
-                    f"hub/{DIFFUSERS_WEIGHT_NAME}": kohya_name}  # hub: kohya keys under the diffusers name
-    for exported_name, run_name in same_tensors.items():
+                 "--formats", "diffusers", "kohya"])
+    same_tensors = [(DIFFUSERS_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME), (kohya_name, kohya_name),
+                    (DIFFUSERS_WEIGHT_NAME, kohya_name)]  # the default file: the kohya file's keys
+    for exported_name, run_name in same_tensors:
         final, exported = load_file(out / run_name), load_file(tmp_path / "exported" / exported_name)
         assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final), exported_name
 
     # generate: PNGs and a grid, with the LoRA and LCMScheduler.
     generate_main(["--pretrained_model", "teacher-eps", "--lora", str(out), "--prompt", "a red circle", "a blue square",
                    "--num_inference_steps", "2", "--output_dir", str(tmp_path / "gen"), "--device", "cpu"])
-    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["000.png", "001.png", "grid.png"]
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["grid.png", "p000-s0000000000.png",
+                                                                    "p001-s0000000001.png"]
 
 
 def test_resume_continues_from_the_checkpoint_step(data_dir, tmp_path):
@@ -65,7 +67,7 @@ def _update_norm(data_dir: Path, out: Path, max_grad_norm: float) -> float:
     # With a huge Adam epsilon the update is ~ lr * gradient / epsilon, so clipping shows in the weights.
     train(tiny_config(data_dir, out, max_train_steps=1, max_grad_norm=max_grad_norm, adam_epsilon=1e3,
                   learning_rate=1.0, checkpointing_steps=0))
-    return sum(v.float().norm() ** 2 for k, v in load_file(out / DIFFUSERS_WEIGHT_NAME).items() if "lora_B" in k) ** 0.5
+    return sum(v.float().norm() ** 2 for k, v in load_file(out / DIFFUSERS_WEIGHT_NAME).items() if "lora_up" in k) ** 0.5
 
 
 def test_gradient_clipping_really_clips(data_dir, tmp_path):

@@ -1,5 +1,6 @@
-"""Our kohya files through the key rules of ComfyUI, A1111 and InvokeAI, re-implemented here as small tables
-from their public loaders, and through diffusers' SDXL loader.
+"""Our kohya-keyed files (the kohya file and the default pytorch_lora_weights.safetensors) through the key rules of
+ComfyUI, A1111 and InvokeAI, re-implemented here as small tables from their public loaders, and through diffusers'
+SDXL loader.
 
 The rules must hit real LDM layers. Those come from the checkpoint that diffusers' converter reads back exactly
 (tests/test_single_file.py), and the diffusers <-> LDM pairing ComfyUI uses is read from that converter by
@@ -37,11 +38,11 @@ def _unets(config: dict) -> tuple[UNet2DConditionModel, UNet2DConditionModel]:
     return base, randomize_lora(student, seed=1, scale=0.1)
 
 
-def _kohya_file(student, tmp_path) -> dict[str, torch.Tensor]:
-    """The kohya tensors as a UI reads them: written to disk by the exporter, read back in file order."""
+def _kohya_file(student, tmp_path, export_format: str = "kohya") -> dict[str, torch.Tensor]:
+    """An exported file's tensors as a UI reads them: written to disk by the exporter, read back in file order."""
     info = export.ExportInfo(config_flat={}, teacher="t", prediction_type="epsilon", steps=1,
                              unet_config=dict(student.config), output_name="lora")
-    [path] = export.write_formats(export.lora_modules(student), tmp_path, ["kohya"], torch.float32, info)
+    [path] = export.write_formats(export.lora_modules(student), tmp_path, [export_format], torch.float32, info)
     return load_file(str(path))
 
 
@@ -74,24 +75,34 @@ def converter_names(base: UNet2DConditionModel) -> dict[str, str]:
 # -- ComfyUI: comfy/lora.py model_lora_keys_unet + comfy/weight_adapter/lora.py LoRAAdapter ----------------
 
 def comfy_key_map(ldm_state: dict, names: dict[str, str]) -> dict[str, str]:
-    """lora key stem -> model weight: lora_unet_ + the LDM name, and lora_unet_ + the diffusers name (unet_to_diffusers)."""
+    """lora key stem -> model weight: lora_unet_ + the LDM name, lora_unet_ + the diffusers name (unet_to_diffusers),
+    and "" or "unet." + the diffusers name with attention projections under ".processor." (to_out.0 as to_out)."""
     key_map = {}
     for key in ldm_state:
         if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
             key_map["lora_unet_" + key[len(UNET_PREFIX):-len(".weight")].replace(".", "_")] = key
     for diffusers_name, ldm_name in names.items():
         key_map["lora_unet_" + diffusers_name.replace(".", "_")] = UNET_PREFIX + ldm_name + ".weight"
+        processor_name = diffusers_name.replace(".to_", ".processor.to_")
+        if processor_name.endswith(".to_out.0"):
+            processor_name = processor_name[:-len(".0")]
+        for prefix in ("", "unet."):
+            key_map[prefix + processor_name] = UNET_PREFIX + ldm_name + ".weight"
     return key_map
+
+
+COMFY_PAIRS = ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight"))  # LoRAAdapter.load
 
 
 def comfy_load(lora: dict, key_map: dict[str, str]) -> tuple[dict, list[str]]:
     """(patches per model weight, keys left over: each one a "lora key not loaded" warning)."""
     patches, loaded = {}, set()
     for stem, weight in key_map.items():
-        up, down, alpha = f"{stem}.lora_up.weight", f"{stem}.lora_down.weight", f"{stem}.alpha"
-        if up in lora:
-            patches[weight] = (lora[up], lora[down], lora.get(alpha))
-            loaded |= {up, down} | ({alpha} if alpha in lora else set())
+        for up_suffix, down_suffix in COMFY_PAIRS:
+            up, down, alpha = stem + up_suffix, stem + down_suffix, f"{stem}.alpha"
+            if up in lora:
+                patches[weight] = (lora[up], lora[down], lora.get(alpha))
+                loaded |= {up, down} | ({alpha} if alpha in lora else set())
     return patches, [k for k in lora if k not in loaded]
 
 
@@ -105,10 +116,11 @@ def comfy_apply(ldm_state: dict, patches: dict) -> dict:
     return patched
 
 
+@pytest.mark.parametrize("export_format", ["diffusers", "kohya"])
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_comfyui_loads_every_key_and_computes_the_students_weights(family, tmp_path):
+def test_comfyui_loads_every_key_and_computes_the_students_weights(family, export_format, tmp_path):
     base, student = _unets(CONFIGS[family])
-    lora = _kohya_file(student, tmp_path)
+    lora = _kohya_file(student, tmp_path, export_format)
     ldm_state = unet_to_ldm(base)
     patches, not_loaded = comfy_load(lora, comfy_key_map(ldm_state, converter_names(base)))
     assert not_loaded == []
@@ -120,6 +132,17 @@ def test_comfyui_loads_every_key_and_computes_the_students_weights(family, tmp_p
     patched = UNet2DConditionModel.from_config(base.config).eval()
     patched.load_state_dict(convert_ldm_unet_checkpoint(comfy_apply(ldm_state, patches), dict(base.config)))
     torch.testing.assert_close(_forward(patched), _forward(student), atol=1e-5, rtol=0)
+
+
+def test_comfyui_skips_the_attention_projections_of_the_peft_file(tmp_path):
+    """Why the default file has kohya keys: ComfyUI looks PEFT-named attention projections up under a ".processor."
+    infix that diffusers' names lack, so it loads the rest and warns "lora key not loaded" for each of these."""
+    base, student = _unets(TINY_SD15_UNET)
+    lora = _kohya_file(student, tmp_path, "peft")
+    patches, not_loaded = comfy_load(lora, comfy_key_map(unet_to_ldm(base), converter_names(base)))
+    attention = [k for k in lora if re.search(r"\.attn[12]\.to_(q|k|v|out\.0)\.", k)]
+    assert attention and sorted(not_loaded) == sorted(attention)
+    assert len(patches) == len(export.lora_modules(student)) - len(attention) // 2
 
 
 # -- A1111: extensions-builtin/Lora/networks.py convert_diffusers_name_to_compvis ---------------------------
@@ -158,11 +181,12 @@ def a1111_compvis_name(stem: str) -> str:
     return stem.replace("lora_unet", "diffusion_model")  # "SDXL loras seem to already have correct compvis keys"
 
 
+@pytest.mark.parametrize("export_format", ["diffusers", "kohya"])
 @pytest.mark.parametrize("family", ["sd15", *SDXL_FAMILY])  # A1111's index rules are SD1.5's; SDXL uses sgm names
-def test_a1111_maps_every_module_to_a_real_layer(family, tmp_path):
+def test_a1111_maps_every_module_to_a_real_layer(family, export_format, tmp_path):
     base, student = _unets(CONFIGS[family])
     layers = {"diffusion_model_" + name.replace(".", "_") for name in converter_names(base).values()}
-    stems = {k.split(".", 1)[0] for k in _kohya_file(student, tmp_path)}
+    stems = {k.split(".", 1)[0] for k in _kohya_file(student, tmp_path, export_format)}
     unmatched = sorted(s for s in stems if a1111_compvis_name(s) not in layers)
     assert not unmatched and len(stems) == len(export.lora_modules(student))
 

@@ -1,8 +1,8 @@
 """Cached encodings: VAE latent distributions and text embeddings in safetensors shards + a manifest.
 
-    cache_dir/manifest.json          teacher fingerprint, resolution, preprocessing, shards, skipped samples
-    cache_dir/empty.safetensors      the empty prompt's embedding (for CFG's unconditional branch)
-    cache_dir/shard-00000.safetensors
+    encodings_dir/manifest.json          teacher fingerprint, resolution, preprocessing, shards, skipped samples
+    encodings_dir/empty.safetensors      the empty prompt's embedding (for CFG's unconditional branch)
+    encodings_dir/shard-00000.safetensors
         latent_parameters [n, 2C, h, w]  the VAE posterior's (mean, logvar), as diffusers' latent_dist.parameters
         text_embeds [m, L, D]            every caption of every sample, in order
         pooled_embeds [m, P]             SDXL only: each caption's pooled embedding (the second text encoder's)
@@ -36,23 +36,23 @@ EMPTY_NAMES = {"text_embeds": "empty_embed", "pooled_embeds": "empty_pooled"}  #
 BATCH_NAMES = {"text_embeds": "encoder_hidden_states", "pooled_embeds": "pooled_embeds"}
 
 
-def read_manifest(cache_dir: str | Path, fingerprint: dict, resolution: int) -> dict:
+def read_manifest(encodings_dir: str | Path, fingerprint: dict, resolution: int) -> dict:
     """The manifest, after refusing a cache written for another teacher or resolution."""
-    path = Path(cache_dir) / MANIFEST
+    path = Path(encodings_dir) / MANIFEST
     if not path.is_file():
-        raise DataError(f"--cache_dir {cache_dir}: no {MANIFEST}. Write a cache with `lcm-lora cache`.")
+        raise DataError(f"--encodings_dir {encodings_dir}: no {MANIFEST}. Write a cache with `lcm-lora cache`.")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise DataError(f"--cache_dir {cache_dir}: format {manifest.get('format')!r}, this version reads {FORMAT!r}. "
+        raise DataError(f"--encodings_dir {encodings_dir}: format {manifest.get('format')!r}, this version reads {FORMAT!r}. "
                         "Write the cache again with `lcm-lora cache`.")
     written_for = {"family": "sd", "vae": None, **manifest["teacher"]}  # caches older than those keys: SD, own VAE
     for key, value in fingerprint.items():
         if written_for.get(key) != value:
-            raise DataError(f"--cache_dir {cache_dir} was written for another teacher ({key}: "
+            raise DataError(f"--encodings_dir {encodings_dir} was written for another teacher ({key}: "
                             f"{written_for.get(key)!r}, this run: {value!r}). Write a cache for this "
                             "teacher with `lcm-lora cache`, or train with the cache's teacher.")
     if manifest["resolution"] != resolution:
-        raise DataError(f"--cache_dir {cache_dir} holds --resolution {manifest['resolution']}, this run asks for "
+        raise DataError(f"--encodings_dir {encodings_dir} holds --resolution {manifest['resolution']}, this run asks for "
                         f"{resolution}. Write a cache at {resolution} or train at {manifest['resolution']}.")
     return manifest
 
@@ -60,8 +60,8 @@ def read_manifest(cache_dir: str | Path, fingerprint: dict, resolution: int) -> 
 class CachedEncodings(torch.utils.data.Dataset):
     """Sample i -> (latent parameters, caption embeddings, geometry), read lazily from the shards."""
 
-    def __init__(self, cache_dir: str | Path, manifest: dict) -> None:
-        self.dir, self.shards = Path(cache_dir), [s["file"] for s in manifest["shards"]]
+    def __init__(self, encodings_dir: str | Path, manifest: dict) -> None:
+        self.dir, self.shards = Path(encodings_dir), [s["file"] for s in manifest["shards"]]
         sizes = torch.tensor([s["num_samples"] for s in manifest["shards"]])
         self.starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
         self.handles: dict[int, object] = {}  # opened per worker process
@@ -112,9 +112,9 @@ class CachedCollate:
 def make_cached_dataloader(args: DataArgs, manifest: dict, batch_size: int, seed: int):
     """(data loader, the empty prompt's conditioning {"context": [1, L, D]}) over a cache; shuffled like the image
     loader."""
-    stored = load_file(str(Path(args.cache_dir) / EMPTY))
+    stored = load_file(str(Path(args.encodings_dir) / EMPTY))
     empty = {key: stored[EMPTY_NAMES[key]] for key in EMPTY_NAMES if EMPTY_NAMES[key] in stored}  # by stored name
-    loader = shuffled_loader(CachedEncodings(args.cache_dir, manifest),
+    loader = shuffled_loader(CachedEncodings(args.encodings_dir, manifest),
                              CachedCollate({k: v[0] for k, v in empty.items()}, args.proportion_empty_prompts, seed),
                              args, batch_size, seed)
     return loader, {key: empty[name] for key, name in STORED_NAMES.items() if name in empty}
