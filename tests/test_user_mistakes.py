@@ -247,3 +247,35 @@ def test_help_lists_the_commands_and_each_command_has_its_own(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: lcm-lora cache") and "The folder to write the encodings to" in out
+
+
+def test_8bit_adam_scale_lr_and_vae_chunks_reach_the_trainer(monkeypatch):
+    """--use_8bit_adam builds bitsandbytes' AdamW8bit (a stand-in here: bitsandbytes needs CUDA), --scale_lr scales
+    the rate as diffusers' scripts do, and --vae_encode_batch_size bounds each VAE call."""
+    import sys
+    import types
+
+    import torch
+
+    from lcm_lora.trainer import encode_images, make_optimizer
+
+    class AdamW8bit(torch.optim.AdamW):
+        pass
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(
+        AdamW8bit=AdamW8bit)))
+    o = tiny_config(Path("d"), Path("o"), use_8bit_adam=True, scale_lr=True, gradient_accumulation_steps=2,
+                    learning_rate=1e-4).optim
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2))], o, num_processes=3)
+    assert type(optimizer) is AdamW8bit
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 4 * 2 * 3)  # batch 4 x accumulation 2 x 3
+
+    sizes = []
+
+    class FakeVAE:
+        def encode(self, x):
+            sizes.append(len(x))
+            return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda: x[:, :1]))
+
+    latents = encode_images(FakeVAE(), torch.arange(5.0).view(5, 1, 1, 1), chunk=2)
+    assert sizes == [2, 2, 1] and latents.flatten().tolist() == [0, 1, 2, 3, 4]
