@@ -118,7 +118,7 @@ class DistillArgs:
     huber_c: float = field(default=0.001, metadata=_help("c of the pseudo-Huber loss.", low=0, low_open=True))
     ema_decay: float = field(default=0.0, metadata=_help(
         "mu of the target network theta- = EMA of the LoRA (LCM paper); 0 targets the student itself, as "
-        "LCM-LoRA does. 0.99 removed multi-step drift on the tiny world (README, Known shortfalls).", low=0, high=1,
+        "LCM-LoRA does. 0.99 removed multi-step drift on the tiny world (docs/results.md, Known shortfalls).", low=0, high=1,
         high_open=True))
 
 
@@ -238,6 +238,11 @@ class TrainConfig:
             section, f = owners[key]
             kwargs[section][key] = _coerce(value, f, source)
         return cls(**{s: SECTIONS[s](**kw) for s, kw in kwargs.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """A preset (flat `flag: value` YAML) with keyword overrides, as `--config path --flag value` gives it."""
+        return cls.from_flat_dict(with_overrides(load_yaml(Path(path)), overrides), source=str(path))
 
     def validate(self) -> list[str]:
         """Every problem found, each naming its flag; empty when the config is usable."""
@@ -455,6 +460,13 @@ def accelerate_mixed_precision() -> str | None:
     return str(value) if value is not None else None
 
 
+def with_overrides(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`preset` updated with `overrides`; a data source among the overrides replaces the preset's source."""
+    if any(RENAMED_FLAGS.get(k, k) in DATA_SOURCES for k in overrides):
+        preset = {k: v for k, v in preset.items() if RENAMED_FLAGS.get(k, k) not in DATA_SOURCES}
+    return {**preset, **overrides}
+
+
 def parse_train_args(argv: list[str] | None = None, command: str = "train") -> tuple[TrainConfig, bool]:
     """(config, dry_run) from flags over an optional YAML preset over the defaults."""
     args = vars(build_parser(command).parse_args(argv))
@@ -463,11 +475,8 @@ def parse_train_args(argv: list[str] | None = None, command: str = "train") -> t
     source = "command line"
     if "config" in args:
         source = f"{args['config']} and the command line"
-        preset = load_yaml(args.pop("config"))
-        if any(RENAMED_FLAGS.get(flag, flag) in DATA_SOURCES for flag in args):  # the command line's source wins
-            preset = {k: v for k, v in preset.items() if RENAMED_FLAGS.get(k, k) not in DATA_SOURCES}
-        values.update(preset)
-    values.update(args)
+        values = load_yaml(args.pop("config"))
+    values = with_overrides(values, args)
     if "mixed_precision" not in values and accelerate_mixed_precision():
         values["mixed_precision"] = accelerate_mixed_precision()  # as diffusers' scripts default to it
     return TrainConfig.from_flat_dict(values, source=source), dry_run

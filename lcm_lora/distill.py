@@ -50,7 +50,7 @@ def lcd_loss(student: UNetFn, teacher: UNetFn, target: UNetFn, x0: torch.Tensor,
     # 6. Student (LoRA on, with grad): f_theta(z_{t_{n+k}}, t_{n+k}) = c_skip z + c_out x0_hat. Last, as in
     #    Algorithm 1 (solver, then loss), so that no activation kept for its backward is alive during the
     #    no-grad calls. Same loss and gradients bit for bit; benchmarks/bench_step.py on the tiny teacher
-    #    measured a step at 1.22x the UNet calls alone with the student first, 1.10x in this order (README).
+    #    measured a step at 1.22x the UNet calls alone with the student first, 1.10x in this order (docs/performance.md).
     c_skip, c_out = boundary_scalings(t_n_plus_k, d.sigma_data, d.timestep_scaling_factor, x0.ndim)
     x0_student, _ = to_x0_eps(student(z, t_n_plus_k, c), z, alpha_nk, sigma_nk, prediction_type)
     f_student = consistency_fn(z, x0_student, c_skip, c_out)

@@ -6,7 +6,7 @@ teacher's best non-distilled sampler (DDIM with leading or trailing spacing, at 
 guidance scales) at the same step counts: clearly better at 1 and 2 steps; at 4 steps, where tuned DDIM
 is already as good as the teacher's 50 steps on this world, at least as good as that sampler and as
 the 50 steps. A LoRA of zeros (the teacher itself under LCMScheduler) must fail both checks.
-Thresholds are set from measured runs with headroom (README, "Results on the tiny world").
+Thresholds are set from measured runs with headroom (docs/results.md).
 """
 
 from pathlib import Path
@@ -22,11 +22,11 @@ from lcm_lora.world.dataset import write_imagefolder
 from lcm_lora.world.quality import Scorer, load_pipeline, sweep
 
 ROOT = Path(__file__).parents[1]
-# tiny-long.yaml, not the 5-minute tiny.yaml: its LoRA is the one that matches 50 steps at 4 steps (README).
+# tiny-long.yaml, not the 5-minute tiny.yaml: its LoRA is the one that matches 50 steps at 4 steps (docs/results.md).
 # teacher-sdxl is the SDXL family's: loaded into StableDiffusionXLPipeline, two text encoders, time ids.
 PRESETS = {"teacher-eps": "tiny-long.yaml", "teacher-vpred": "tiny-vpred.yaml", "teacher-sdxl": "tiny-sdxl.yaml"}
 STEPS = [1, 2, 4]
-GAP_STEPS = [1, 2]  # step counts where non-distilled samplers fall far behind (README)
+GAP_STEPS = [1, 2]  # step counts where non-distilled samplers fall far behind (docs/results.md)
 # Images per prompt at each step count. At 4 steps the differences are a few points, and one image per prompt
 # leaves a standard error of about 2 points at 90% accuracy; two halve its variance.
 SAMPLES = {1: 1, 2: 1, 4: 2}
@@ -127,9 +127,9 @@ def test_distilled_lora_at_4_steps_matches_the_best_sampler_and_the_50_steps(sco
 def test_the_base_lora_keeps_its_few_step_gain_on_a_community_fine_tune(distilled):
     """LCM-LoRA's universality claim on the tiny world: the LoRA distilled from teacher-eps, loaded onto the bundled
     community-dusk checkpoint (a fine-tune with its own UNet and VAE, read from a single file) and scored against the
-    dusk world. Measured (README): +8.3 points over the best DDIM at 2 steps (+7.8 on the base model), +3.6 at 1
+    dusk world. Measured (docs/results.md): +8.3 points over the best DDIM at 2 steps (+7.8 on the base model), +3.6 at 1
     step; Fréchet distance 0.57x and 0.45x the best DDIM's at 1 and 2 steps; 98-100% of images in the dusk look."""
-    lora = distilled("tiny.yaml")  # the 5-minute preset, as measured in the README
+    lora = distilled("tiny.yaml")  # the 5-minute preset, as measured in docs/results.md
     pipe, scorer = load_pipeline("community-dusk"), Scorer(reference_images=1000, palette="dusk")
     steps = [1, 2]
     baselines = [score for sampler in ("ddim-leading", "ddim-trailing") for g in BASELINE_GUIDANCE

@@ -179,7 +179,7 @@ def test_probe_separates_faithful_from_lossy_one_step_predictions():
     pipe, scorer = StableDiffusionPipeline.from_pretrained(str(assets.resolve("teacher-vpred"))), Scorer(reference_images=200)
     scenes = held_out_prompts(1)[::8]  # 24 prompts, every attribute value present
     near, far = probe(pipe, scorer, scenes, [99, 999], "teacher")
-    assert near.prompt_accuracy >= 0.9, near  # measured on all 192 prompts: 99.5% (README, "Known shortfalls")
+    assert near.prompt_accuracy >= 0.9, near  # measured on all 192 prompts: 99.5% (docs/results.md, "Known shortfalls")
     assert far.prompt_accuracy <= 0.75, far  # one step from noise: 44.8% on 192
     (solver,) = probe(pipe, scorer, scenes, [249], "solver", solver=(3.0, 20))
     assert solver.prompt_accuracy >= 0.9, solver  # 97.9% on 192

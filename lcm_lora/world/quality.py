@@ -1,6 +1,6 @@
 """Score samplers on the tiny world: prompt accuracy and Fréchet distance on held-out prompts.
 
-    python -m lcm_lora.world.quality --teacher teacher-eps              # the README table
+    python -m lcm_lora.world.quality --teacher teacher-eps              # the tables of docs/results.md
     python -m lcm_lora.world.quality --teacher /path/to/pipeline --steps 1 2 4 8
     python -m lcm_lora.world.quality --teacher output/community/teacher-eps-dusk --palette dusk   # shifted world
 
