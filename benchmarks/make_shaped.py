@@ -20,7 +20,7 @@ from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPip
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lcm_lora.world import assets
-from lcm_lora.world.architecture import SDXL_SCHEDULE, make_scheduler, make_sdxl_tokenizer_2
+from tiny_world.architecture import SDXL_SCHEDULE, make_scheduler, make_sdxl_tokenizer_2
 
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),

@@ -5,7 +5,7 @@
     lcm-lora generate --pretrained_model teacher-eps --lora output/tiny-eps --prompt "a red circle ..."
     lcm-lora export --checkpoint output/tiny-eps/checkpoint-400 --output_dir exported/ --formats kohya diffusers
     lcm-lora merge --checkpoint model.safetensors --lora output/tiny-eps --output merged.safetensors --single_file_config DIR
-    lcm-lora world dataset|quality|build ...
+    lcm-lora world dataset --out data/tiny-world --num_images 2000
 """
 
 from __future__ import annotations
@@ -207,12 +207,16 @@ def merge_main(argv: list[str] | None = None) -> None:
 
 
 def world_main(argv: list[str]) -> None:
-    from .world import build, dataset, quality
+    """`lcm-lora world dataset`: the bundled tiny world's images. Its build, judge and quality sweeps are the
+    repository's harness (tiny_world/), run from a clone."""
+    from .world import dataset
 
-    commands = {"dataset": dataset.main, "quality": quality.main, "build": build.main}
-    if not argv or argv[0] not in commands:
-        sys.exit(f"usage: lcm-lora world {{{','.join(commands)}}} [--help]")
-    commands[argv[0]](argv[1:])
+    if argv[:1] in (["quality"], ["build"], ["probe"], ["community"]):
+        sys.exit(f"error: `lcm-lora world {argv[0]}` is the tiny world's harness: from a clone of the repository, run "
+                 f"python -m tiny_world.{argv[0]} --help")
+    if argv[:1] != ["dataset"]:
+        sys.exit("usage: lcm-lora world dataset [--help]")
+    dataset.main(argv[1:])
 
 
 COMMANDS = {"train": train_main, "cache": cache_main, "generate": generate_main, "export": export_main,
@@ -223,7 +227,7 @@ SUMMARIES = {
     "generate": "few-step images with an LCM-LoRA (LCMScheduler), on a hub id, folder or single file",
     "export": "write a LoRA or checkpoint in the diffusers, kohya (ComfyUI / A1111) and PEFT layouts",
     "merge": "bake a LoRA into a single-file checkpoint",
-    "world": "the bundled tiny world: dataset, quality (judge a LoRA), build",
+    "world": "the bundled tiny world's images: lcm-lora world dataset --out data/tiny-world",
 }
 
 

@@ -43,7 +43,7 @@ def text_conditioning(text_encoders: tuple, input_ids: tuple[torch.Tensor, ...])
     SDXL's two: the penultimate hidden states without the final LayerNorm, concatenated with the first encoder's
     first, and the pooled embedding, the first 2-D output, which only the second (projection) encoder has
     (StableDiffusionXLPipeline.encode_prompt with clip_skip None). Differentiable: the world's SDXL teacher trains
-    its encoders through it (lcm_lora.world.build)."""
+    its encoders through it (tiny_world.build)."""
     if len(text_encoders) == 1:
         return {"context": text_encoders[0](input_ids[0])[0]}
     hidden, pooled = [], None

@@ -21,7 +21,8 @@ from .checkpoint import RECORD, checkpoint_step, read_record
 from .config import EXPORT_FORMATS, PREDICTION_TYPES, ConfigError, ModelArgs, RunArgs, TrainConfig
 from .models import config_source, load_unet_config, resolve_teacher, teacher_prediction_type, unet_config
 from .safetensors_io import check_outputs
-from .single_file import config_folder, single_file_problems, unet_ldm_key, unet_ldm_names
+from .ldm_keys import unet_ldm_key, unet_ldm_names
+from .single_file import config_folder, single_file_problems
 
 # Hashes of the weights describe the file before the merge: dropped rather than left wrong.
 STALE_AFTER_MERGE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")

@@ -212,7 +212,7 @@ def kohya_file(modules: dict[str, LoraModule], dtype: torch.dtype, info: ExportI
     base = formats.base_model(info.unet_config, info.prediction_type)
     names = None
     if base.sgm_names:
-        from .single_file import unet_ldm_names
+        from .ldm_keys import unet_ldm_names
 
         names = unet_ldm_names(info.unet_config)
     tensors = formats.to_kohya_keys(modules, dtype, names)
@@ -254,7 +254,7 @@ def read_lora(path: str | Path, unet_config: dict) -> tuple[dict[str, LoraModule
     and the keys."""
     path, tensors, meta = _read_lora_file(path)
     from .models import unet_module_paths
-    from .single_file import unet_ldm_names
+    from .ldm_keys import unet_ldm_names
 
     with naming(path):
         modules = formats.parse_lora(tensors, unet_module_paths(unet_config), meta, unet_ldm_names(unet_config))
@@ -269,7 +269,7 @@ def check_lora_for_diffusers(path: str | Path, unet_config: dict) -> Path:
     (rank/alpha patterns, rsLoRA), whose metadata is still checked."""
     path, tensors, meta = _read_lora_file(path)
     from .models import unet_module_paths
-    from .single_file import unet_ldm_names
+    from .ldm_keys import unet_ldm_names
 
     unet, text_encoder = formats.split_text_encoder(tensors)
     with naming(path):

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .config import ConfigError
-from .single_file import UNET_PREFIX, up_block_depths
+from .ldm_keys import UNET_PREFIX, up_block_depths
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "ssd-1b": "SSD-1B", "vega": "Segmind Vega"}
 FAMILIES = tuple(FAMILY_NAMES)

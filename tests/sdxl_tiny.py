@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
 from lcm_lora.world import assets
-from lcm_lora.world.architecture import make_tiny_sdxl_pipeline
+from tiny_world.architecture import make_tiny_sdxl_pipeline
 
 WORLD_TEACHER = assets.resolve("teacher-eps")
 

@@ -39,3 +39,19 @@ def test_readme_is_a_short_front_door():
     assert not re.search(r"\b[0-9a-f]{7,40}\b", readme), "no commit hashes"
     for link in re.findall(r"\]\(((?:docs|lcm_lora)/[^)#]+)\)", readme):
         assert (ROOT / link).exists(), link
+
+
+def test_the_library_imports_nothing_from_the_harness_and_the_wheel_leaves_it_out():
+    import ast
+
+    from setuptools import find_packages
+
+    for path in (ROOT / "lcm_lora").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "tiny_world" for n in names), path
+    packages = find_packages(str(ROOT), include=["lcm_lora*"])  # pyproject.toml's [tool.setuptools.packages.find]
+    assert "lcm_lora" in packages and not any(p.startswith("tiny_world") for p in packages)
+    assert 'include = ["lcm_lora*"]' in (ROOT / "pyproject.toml").read_text()
+    assert not (ROOT / "lcm_lora" / "world" / "assets" / "judge.safetensors").exists()

@@ -8,9 +8,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from lcm_lora.world import assets
-from lcm_lora.world.community import CommunityRecipe, build
-from lcm_lora.world.judge import accuracy, judge_images, render_set
-from lcm_lora.world.quality import HELD_OUT_SEED, Scorer, load_judge, real_baseline
+from tiny_world.community import CommunityRecipe, build
+from tiny_world.judge import accuracy, judge_images, render_set
+from tiny_world.quality import HELD_OUT_SEED, Scorer, load_judge, real_baseline
 from lcm_lora.world.scene import PALETTES, render, sample, scene_from_seed, style_score
 
 # sha256 of sample(seed)[1] for seeds 0-63 and 1_000_000-1_000_063, stacked, rendered by scene.py before

@@ -19,7 +19,7 @@ from lcm_lora.config import TrainConfig, load_yaml
 from lcm_lora.export import DIFFUSERS_WEIGHT_NAME, lcm_scheduler_settings
 from lcm_lora.trainer import train
 from lcm_lora.world.dataset import write_imagefolder
-from lcm_lora.world.quality import Scorer, load_pipeline, sweep
+from tiny_world.quality import Scorer, load_pipeline, sweep
 
 ROOT = Path(__file__).parents[1]
 # tiny-long.yaml, not the 5-minute tiny.yaml: its LoRA is the one that matches 50 steps at 4 steps (docs/results.md).

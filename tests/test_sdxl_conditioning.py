@@ -11,7 +11,7 @@ from sdxl_tiny import WORLD_TEACHER, save_tiny_sdxl
 from lcm_lora.conditioning import encode_text, fixed_time_ids, time_ids, uncond_for
 from lcm_lora.data.loader import tokenize
 from lcm_lora.models import is_sdxl
-from lcm_lora.world.architecture import SDXL_SCALING_FACTOR, make_unet, with_scaling_factor
+from tiny_world.architecture import SDXL_SCALING_FACTOR, make_unet, with_scaling_factor
 from lcm_lora.world.scene import all_scenes, sample
 
 CAPTIONS = [scene.caption for scene in all_scenes()[:2]]

@@ -21,15 +21,9 @@ from lcm_lora.cli import merge_main
 from lcm_lora.config import ConfigError, LoraArgs
 from lcm_lora.families import model_family, refiner_problem, single_file_family
 from lcm_lora.models import attach_lora
-from lcm_lora.single_file import (
-    SDXL_CLIP_PREFIX,
-    SDXL_OPEN_CLIP_PREFIX,
-    UNET_PREFIX,
-    load_single_file_pipeline,
-    save_single_file,
-    single_file_problems,
-    unet_ldm_names,
-)
+from lcm_lora.ldm_keys import SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, UNET_PREFIX, unet_ldm_names
+from lcm_lora.single_file import load_single_file_pipeline, single_file_problems
+from single_file_writer import save_single_file
 from lora_helpers import randomize_lora
 from sdxl_tiny import tiny_sdxl_pipeline
 from test_export import _a1111_version, _load_quietly

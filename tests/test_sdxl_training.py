@@ -138,7 +138,7 @@ def test_an_sdxl_single_file_teacher_trains_the_same_lora_and_generates(world, t
     """A community SDXL fine-tune ships as one file in the original SGM layout: distilling it (with the base
     model's config folder) gives the LoRA the diffusers folder gives, bit for bit, and generate samples with it."""
     from lcm_lora.cli import generate_main
-    from lcm_lora.single_file import save_single_file
+    from single_file_writer import save_single_file
 
     teacher, images = world
     pipe = StableDiffusionXLPipeline.from_pretrained(teacher, local_files_only=True)

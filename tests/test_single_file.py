@@ -21,18 +21,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from lcm_lora.config import ConfigError, LoraArgs
 from lcm_lora.models import attach_lora, resolve_teacher
-from lcm_lora.single_file import (
-    UNET_PREFIX,
-    load_single_file_pipeline,
-    pipeline_to_ldm_state_dict,
-    save_single_file,
-    text_encoder_ldm_key,
-    unet_ldm_key,
-    unet_ldm_names,
-    unet_to_ldm,
-    vae_ldm_names,
-    vae_to_ldm,
-)
+from lcm_lora.ldm_keys import UNET_PREFIX, text_encoder_ldm_key, unet_ldm_key, unet_ldm_names, vae_ldm_names
+from lcm_lora.single_file import load_single_file_pipeline
+from single_file_writer import pipeline_to_ldm_state_dict, save_single_file, unet_to_ldm, vae_to_ldm
 
 from unet_shapes import (
     SD15_UNET,

@@ -10,7 +10,9 @@ from lcm_lora import export
 from lcm_lora.cli import generate_main, merge_main
 from lcm_lora.config import LoraArgs
 from lcm_lora.models import attach_lora, resolve_teacher, teacher_problems
-from lcm_lora.single_file import UNET_PREFIX, load_single_file_pipeline, save_single_file, unet_ldm_names
+from lcm_lora.ldm_keys import UNET_PREFIX, unet_ldm_names
+from lcm_lora.single_file import load_single_file_pipeline
+from single_file_writer import save_single_file
 from lcm_lora.trainer import train
 from lcm_lora.world.dataset import write_imagefolder
 from lora_helpers import randomize_lora

@@ -19,7 +19,8 @@ from lcm_lora import export, formats
 from lcm_lora.config import LoraArgs
 from lcm_lora.families import SDXL_FAMILY
 from lcm_lora.models import attach_lora, lora_config, resolve_teacher, unet_module_paths
-from lcm_lora.single_file import UNET_PREFIX, unet_ldm_names, unet_to_ldm
+from lcm_lora.ldm_keys import UNET_PREFIX, unet_ldm_names
+from single_file_writer import unet_to_ldm
 from lora_helpers import randomize_lora
 from unet_shapes import SD15_UNET, SDXL_UNET, TINY_SD15_UNET, TINY_SDXL_UNET, TINY_SSD1B_UNET, TINY_VEGA_UNET
 

@@ -10,10 +10,10 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDi
 from transformers import CLIPTokenizer
 
 from lcm_lora.world import assets
-from lcm_lora.world.architecture import SDXL_SCALING_FACTOR, SDXL_SCHEDULE
+from tiny_world.architecture import SDXL_SCALING_FACTOR, SDXL_SCHEDULE
 from lcm_lora.world.dataset import write_imagefolder
-from lcm_lora.world.judge import accuracy, frechet_distance, judge_images, render_set
-from lcm_lora.world.quality import HELD_OUT_SEED, Scorer, generate, held_out_prompts, load_judge, real_baseline
+from tiny_world.judge import accuracy, frechet_distance, judge_images, render_set
+from tiny_world.quality import HELD_OUT_SEED, Scorer, generate, held_out_prompts, load_judge, real_baseline
 from lcm_lora.world.scene import ATTRIBUTES, all_scenes, sample
 
 
@@ -113,7 +113,7 @@ def _pickled_files(name: str) -> list[str]:
 def test_sdxl_teacher_is_trained_on_the_conditioning_its_pipeline_samples_with():
     """build.sdxl_conditioning, what the teacher was trained on, against StableDiffusionXLPipeline's own encoding:
     the same context and pooled text, zeros for a dropped caption as for the pipeline's negative, its time ids."""
-    from lcm_lora.world.build import caption_ids, sdxl_conditioning
+    from tiny_world.build import caption_ids, sdxl_conditioning
 
     pipe = StableDiffusionXLPipeline.from_pretrained(assets.resolve("teacher-sdxl"), local_files_only=True)
     captions = [s.caption for s in all_scenes()[:2]]
@@ -154,7 +154,7 @@ def test_teacher_generates_deterministically_and_follows_prompts(name):
 
 
 def test_build_script_runs_end_to_end_with_tiny_settings(tmp_path):
-    from lcm_lora.world.build import main
+    from tiny_world.build import main
 
     main(["--out", str(tmp_path), "--judge_images", "64", "--judge_steps", "2", "--vae_steps", "2",
           "--train_images", "64", "--teacher_steps", "2", "--sdxl_teacher_steps", "2",
@@ -171,10 +171,10 @@ def test_build_script_runs_end_to_end_with_tiny_settings(tmp_path):
 
 
 def test_probe_separates_faithful_from_lossy_one_step_predictions():
-    """The trajectory probe (lcm_lora.world.probe) on the v teacher: one step from a lightly noised real
+    """The trajectory probe (tiny_world.probe) on the v teacher: one step from a lightly noised real
     image keeps its attributes, one step from pure noise mostly does not, and the guided solver on the
     training grid, the target distillation converges to, keeps them from mid-noise too."""
-    from lcm_lora.world.probe import probe
+    from tiny_world.probe import probe
 
     pipe, scorer = StableDiffusionPipeline.from_pretrained(str(assets.resolve("teacher-vpred"))), Scorer(reference_images=200)
     scenes = held_out_prompts(1)[::8]  # 24 prompts, every attribute value present

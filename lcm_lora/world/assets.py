@@ -22,7 +22,3 @@ def resolve(name_or_path: str | Path) -> Path:
     if name == STYLE_LORA:
         return ASSETS / STYLE_LORA
     return Path(name_or_path)
-
-
-def judge_path() -> Path:
-    return ASSETS / "judge.safetensors"

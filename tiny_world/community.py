@@ -1,8 +1,8 @@
 """A "community fine-tune" of the tiny world and a style LoRA: the test bed for LCM-LoRA's claim that
 a LoRA distilled from a base model also speeds up fine-tunes of that model.
 
-    python -m lcm_lora.world.community --out output/community              # everything, seeded
-    python -m lcm_lora.world.community --out output/community --steps 200  # shorter UNet and LoRA runs
+    python -m tiny_world.community --out output/community              # everything, seeded
+    python -m tiny_world.community --out output/community --steps 200  # shorter UNet and LoRA runs
 
 The community's world is the base world in the "dusk" palette (scene.PALETTES): the same scenes and
 captions on rose-tinted backgrounds. It writes, next to `community_info.json` (recipe and seconds):
@@ -41,11 +41,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from . import assets
+from lcm_lora.world import assets
 from .build import _lr_lambda, caption_ids, denoising_loss, optimizer_step, posterior_moments, training_batch
 from .judge import render_set, to_tensor
 from .quality import HELD_OUT_SEED
-from .scene import style_score
+from lcm_lora.world.scene import style_score
 
 STYLE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
-from .scene import all_scenes
+from lcm_lora.world.scene import all_scenes
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 MAX_LENGTH = 77  # Stable Diffusion's CLIP context length

@@ -1,8 +1,9 @@
 """Build the bundled tiny world from scratch: tokenizer, judge, VAE and three trained teachers (SD1-like,
 SD2-like and SDXL-like).
 
-    python -m lcm_lora.world.build --out lcm_lora/world/assets          # everything, in order
-    python -m lcm_lora.world.build --out DIR --stages teacher-eps       # one stage; reads the earlier ones
+    python -m tiny_world.build --out lcm_lora/world/assets          # everything, in order; then
+    mv lcm_lora/world/assets/judge.safetensors tiny_world/assets/    # the judge is the harness's, not the package's
+    python -m tiny_world.build --out DIR --stages teacher-eps       # one stage; reads the earlier ones
 
 Every step is seeded; `build_info.json` records the command, versions and time of each phase.
 """
@@ -26,10 +27,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
-from ..conditioning import Cond, fixed_time_ids, text_conditioning, unet_kwargs
+from lcm_lora.conditioning import Cond, fixed_time_ids, text_conditioning, unet_kwargs
 from .architecture import make_scheduler, make_text_encoder, make_tiny_sdxl_pipeline, make_unet, make_vae
 from .judge import render_set, to_tensor, train_judge
-from .scene import SIZE
+from lcm_lora.world.scene import SIZE
 from .tokenizer import learn_clip_tokenizer
 
 # v first: the epsilon teacher can be fine-tuned from it (Recipe.eps_finetune_steps).
@@ -332,7 +333,7 @@ def build(out: Path, recipe: Recipe, device: str, stages: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     info_path = out / "build_info.json"
     info: dict = json.loads(info_path.read_text()) if info_path.exists() else {"seconds": {}, "commands": []}
-    info["commands"].append(" ".join(["python", "-m", "lcm_lora.world.build", *sys.argv[1:]]))
+    info["commands"].append(" ".join(["python", "-m", "tiny_world.build", *sys.argv[1:]]))
     info.update(
         recipe=asdict(recipe),
         device=device if device == "cpu" else torch.cuda.get_device_name(),

@@ -1,8 +1,8 @@
 """Score samplers on the tiny world: prompt accuracy and Fréchet distance on held-out prompts.
 
-    python -m lcm_lora.world.quality --teacher teacher-eps              # the tables of docs/results.md
-    python -m lcm_lora.world.quality --teacher /path/to/pipeline --steps 1 2 4 8
-    python -m lcm_lora.world.quality --teacher output/community/teacher-eps-dusk --palette dusk   # shifted world
+    python -m tiny_world.quality --teacher teacher-eps              # the tables of docs/results.md
+    python -m tiny_world.quality --teacher /path/to/pipeline --steps 1 2 4 8
+    python -m tiny_world.quality --teacher output/community/teacher-eps-dusk --palette dusk   # shifted world
 
 The held-out set is every scene of the world (192 prompts), `samples_per_prompt` images each from
 fixed seeds; the Fréchet reference is images rendered from seeds that training never used.
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
-from ..export import lcm_scheduler_settings
-from . import assets
+from lcm_lora.export import lcm_scheduler_settings
+from . import JUDGE
 from .judge import Judge, accuracy, frechet_distance, judge_images, render_set
-from .scene import PALETTES, Scene, all_scenes, render, style_score
+from lcm_lora.world.scene import PALETTES, Scene, all_scenes, render, style_score
 
 HELD_OUT_SEED = 1_000_000  # training images use seeds below this
 REFERENCE_IMAGES = 2000
@@ -80,14 +80,14 @@ def load_judge(path: str | Path | None = None) -> Judge:
     from safetensors.torch import load_file
 
     judge = Judge()
-    judge.load_state_dict(load_file(str(path or assets.judge_path())))
+    judge.load_state_dict(load_file(str(path or JUDGE)))
     return judge.eval()
 
 
 def load_pipeline(path: str | Path, vae: str | Path | None = None, single_file_config: str = "teacher-eps"):
     """A pipeline folder, a bundled model, or a single file (its configs from `single_file_config`; the bundled
     community-dusk is a fine-tune of teacher-eps); `vae` swaps in another VAE folder (e.g. a community one)."""
-    from ..inference import load_base_pipeline
+    from lcm_lora.inference import load_base_pipeline
 
     pipe = load_base_pipeline(str(path), single_file_config)
     if vae:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .scene import ATTRIBUTES, Scene, sample
+from lcm_lora.world.scene import ATTRIBUTES, Scene, sample
 
 FEATURES = 128
 

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .scene import SIZE
+from lcm_lora.world.scene import SIZE
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline

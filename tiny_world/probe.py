@@ -1,7 +1,7 @@
 """Where along the trajectory a model errs: its one-step output from noised real images, per timestep.
 
-    python -m lcm_lora.world.probe --teacher teacher-vpred --lora output/tiny-vpred       # the LoRA vs the teacher
-    python -m lcm_lora.world.probe --teacher teacher-vpred --solver_w 3 --num_ddim_timesteps 20
+    python -m tiny_world.probe --teacher teacher-vpred --lora output/tiny-vpred       # the LoRA vs the teacher
+    python -m tiny_world.probe --teacher teacher-vpred --solver_w 3 --num_ddim_timesteps 20
 
 Real held-out images are encoded and diffused to z_t = alpha_t x0 + sigma_t eps. A model maps z_t to x0 in
 one call, as a multi-step LCM sampler does at each of its steps: the consistency function
@@ -18,13 +18,13 @@ import argparse
 import numpy as np
 import torch
 
-from ..config import DistillArgs
-from ..export import lcm_scheduler_settings
-from ..schedule import alpha_sigma, boundary_scalings
-from ..solver import consistency_fn, ddim_step, guide, to_x0_eps
+from lcm_lora.config import DistillArgs
+from lcm_lora.export import lcm_scheduler_settings
+from lcm_lora.schedule import alpha_sigma, boundary_scalings
+from lcm_lora.solver import consistency_fn, ddim_step, guide, to_x0_eps
 from .judge import to_tensor
 from .quality import HELD_OUT_SEED, Score, Scorer, held_out_prompts, load_pipeline
-from .scene import ATTRIBUTES, Scene, render
+from lcm_lora.world.scene import ATTRIBUTES, Scene, render
 
 BATCH = 96
 
