@@ -28,6 +28,7 @@ def train_main(argv: list[str] | None = None) -> None:
     from .config import ConfigError, parse_train_args, to_yaml
     from .data import DataError
     from .formats import LoraFormatError
+    from .hub import HubError
 
     try:
         config, dry_run = parse_train_args(argv)
@@ -41,7 +42,7 @@ def train_main(argv: list[str] | None = None) -> None:
         from .trainer import train
 
         train(config)
-    except (DataError, ConfigError, LoraFormatError) as err:  # checkpoints written stay; the message says what to fix
+    except (DataError, ConfigError, LoraFormatError, HubError) as err:  # files written stay; the message says what to do
         sys.exit(f"error: {err}")
     except TrainingStopped as err:
         print(err, file=sys.stderr)
@@ -170,17 +171,34 @@ def export_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single_file_config", default=None, help="Config folder, when that base model is a single file.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace files already in --output_dir (never the source's own files).")
+    parser.add_argument("--license", default=None,
+                        help="The model card's license (a Hub license id). Default: the run's --license, else that of "
+                             "the base model family's reference model.")
+    parser.add_argument("--push_to_hub", action="store_true",
+                        help="Then upload --output_dir to the Hugging Face Hub (log in first: hf auth login).")
+    parser.add_argument("--hub_model_id", default=None,
+                        help="The Hub repo for --push_to_hub; default: --output_dir's folder name.")
     args = parser.parse_args(argv)
+    from . import hub
+    from .config import RunArgs
     from .convert import export_lora_files
+    from .model_card import CARD_NAME
 
+    run = RunArgs(output_dir=str(args.output_dir), push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id)
     try:
+        problems = hub.hub_problems(run)
+        if problems:
+            sys.exit(f"error: {problems[0]}")
+        repo_id = hub.create_repo_id(hub.repo_name(run)) if args.push_to_hub else None
         paths = export_lora_files(args.checkpoint, args.output_dir, args.formats, args.dtype and DTYPES[args.dtype],
                                   args.pretrained_teacher_model, args.single_file_config, args.output_name,
-                                  args.overwrite)
-    except USER_ERRORS as err:
+                                  args.overwrite, args.license, repo_id)
+        for path in [*paths, args.output_dir / CARD_NAME]:
+            print(f"wrote {path}")
+        if repo_id:
+            print(f"uploaded {args.output_dir} to {hub.upload(args.output_dir, repo_id, run.logging_dir)}")
+    except (*USER_ERRORS, hub.HubError) as err:
         sys.exit(f"error: {err}")
-    for path in paths:
-        print(f"wrote {path}")
 
 
 def merge_main(argv: list[str] | None = None) -> None:

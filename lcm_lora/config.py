@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -186,6 +187,16 @@ class RunArgs:
     tracker_project_name: str = field(default="lcm-lora", metadata=_help(
         "The project name the trackers log under (Accelerator.init_trackers)."))
     logging_dir: str = field(default="logs", metadata=_help("Tracker log folder, inside output_dir."))
+    license: str | None = field(default=None, metadata=_help(
+        "The model card's license, a Hub license id (lower case, e.g. openrail++). A LoRA derives from its base "
+        "model, whose license applies; default: that of the family's reference model (SD 1.x creativeml-openrail-m, "
+        "SD 2.x and SDXL openrail++, SSD-1B and Vega apache-2.0). Give the teacher's own when it has another."))
+    push_to_hub: bool = field(default=False, metadata=_help(
+        "Upload the output folder to the Hugging Face Hub at the end, as diffusers' scripts do: the LoRA files, "
+        "README.md and validation images (not checkpoints, logs or config.yaml). Log in first: hf auth login."))
+    hub_model_id: str | None = field(default=None, metadata=_help(
+        "The Hub repo for --push_to_hub (owner/name, or a name under your account); default: --output_dir's folder "
+        "name. Created when missing, with your account's default visibility."))
 
 
 # Flags of diffusers' LCM scripts (examples/consistency_distillation/train_lcm_distill_*.py) that have another
@@ -196,9 +207,8 @@ DEPRECATED_FLAGS = {"cache_dir": "--cache_dir is the old name of --encodings_dir
 UNSUPPORTED_FLAGS = {
     "cast_teacher_unet": "the teacher always runs in --mixed_precision's dtype here (one UNet, LoRA off, serves as "
                          "teacher): drop the flag",
-    "push_to_hub": "upload the output folder after training: hf upload <repo_id> <output_dir>",
-    "hub_model_id": "upload the output folder after training: hf upload <repo_id> <output_dir>",
-    "hub_token": "log in with `hf auth login` instead",
+    "hub_token": "log in with `hf auth login` instead (or set HF_TOKEN): a token on the command line ends up in "
+                 "the shell's history and the process list",
     "interpolation_type": "images are resized with Pillow's bicubic filter: drop the flag",
     "pretrained_model_name_or_path": "name the teacher with --pretrained_teacher_model",
 }
@@ -277,9 +287,19 @@ class TrainConfig:
             problems.append(f"--lr_scheduler must be one of {LR_SCHEDULERS}, got {c.optim.lr_scheduler!r}.")
         if c.run.overwrite and c.run.resume_from_checkpoint is not None:
             problems.append("--overwrite starts a new run and --resume_from_checkpoint continues one: give one of them.")
+        problems += [license_problem(c.run.license)] if license_problem(c.run.license) else []
         for flag, (section, f) in _field_owners().items():
             problems += _range_problems(flag, getattr(getattr(c, section), flag), f.metadata.get("range"))
         return problems
+
+
+def license_problem(license: str | None) -> str | None:
+    """Why `license` cannot go in a model card's front matter (the Hub refuses an upload whose card names an unknown
+    license), else None."""
+    if license is None or re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        return None
+    return (f"--license {license!r}: not a Hub license id; those are lower case, e.g. openrail++, creativeml-openrail-m, "
+            "apache-2.0 or other (https://huggingface.co/docs/hub/repositories-licenses).")
 
 
 def _range_problems(flag: str, value: Any, bounds: tuple | None) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,9 +17,9 @@ from typing import Callable
 import torch
 import yaml
 
-from . import export, formats
+from . import export, formats, model_card
 from .checkpoint import RECORD, checkpoint_step, read_record
-from .config import EXPORT_FORMATS, PREDICTION_TYPES, ConfigError, ModelArgs, RunArgs, TrainConfig
+from .config import EXPORT_FORMATS, PREDICTION_TYPES, ConfigError, ModelArgs, RunArgs, TrainConfig, license_problem
 from .models import config_source, load_unet_config, resolve_teacher, teacher_prediction_type, unet_config
 from .safetensors_io import check_outputs
 from .ldm_keys import unet_ldm_key, unet_ldm_names
@@ -45,16 +46,23 @@ class Source:
     read_modules: Callable[[dict], dict[str, formats.LoraModule]]
     inputs: list[Path] = field(default_factory=list)
     config_changes: tuple[str, ...] = ()
+    run_dir: Path | None = None  # the training output folder it comes from, whose validation images the card shows
 
 
 def export_lora_files(source: str | Path, out_dir: str | Path, export_formats: list[str] | None = None,
                       dtype: torch.dtype | None = None, teacher: str | None = None,
                       single_file_config: str | None = None, output_name: str | None = None,
-                      overwrite: bool = False) -> list[Path]:
-    """Re-export `source` in each format. The teacher (for its UNet's module names and base model family)
-    comes from the run's config or the file's metadata; `teacher` overrides it. Formats and dtype default to the
-    run's --export_formats / --export_dtype, else diffusers + kohya in fp16. No file of the source or the teacher is
+                      overwrite: bool = False, license: str | None = None, repo_id: str | None = None) -> list[Path]:
+    """Re-export `source` in each format; returns the LoRA files written. The teacher (for its UNet's module names
+    and base model family) comes from the run's config or the file's metadata; `teacher` overrides it. Formats and
+    dtype default to the run's --export_formats / --export_dtype, else diffusers + kohya in fp16.
+
+    Beside them go a model card, README.md (model_card.py: `license` defaults to the run's --license, else the base
+    model family's; its snippet loads the LoRA from `repo_id` when given), and for a training run's LoRA its last
+    validation grid at or before the exported step, as validation.png. No file of the source or the teacher is
     ever replaced, and an existing file only with `overwrite`; both are checked before anything is written."""
+    if license_problem(license):
+        raise ConfigError(license_problem(license))
     src = read_source(Path(source), teacher)
     flat, meta = src.config_flat, src.metadata
     teacher = teacher or flat.get("pretrained_teacher_model") or meta.get("lcm_lora.teacher")
@@ -68,9 +76,17 @@ def export_lora_files(source: str | Path, out_dir: str | Path, export_formats: l
                              config_changes=src.config_changes)
     export_formats = export_formats or flat.get("export_formats") or list(RunArgs.export_formats)
     dtype = dtype or export.DTYPES[flat.get("export_dtype", RunArgs.export_dtype)]
-    outputs = export.output_paths(out_dir, export_formats, info.output_name).values()
+    outputs = list(export.output_paths(out_dir, export_formats, info.output_name).values())
+    grid = model_card.validation_grid(src.run_dir, src.steps) if src.run_dir else None
+    image = Path(out_dir) / "validation.png" if grid else None
+    outputs += [Path(out_dir) / model_card.CARD_NAME, *([image] if image else [])]
     check_outputs(outputs, [*src.inputs, resolve_teacher(teacher), config_source(model)], overwrite)
-    return export.write_formats(src.read_modules(config), out_dir, export_formats, dtype, info)
+    paths = export.write_formats(src.read_modules(config), out_dir, export_formats, dtype, info)
+    if grid:
+        shutil.copyfile(grid[0], image)
+    model_card.write_card(out_dir, model_card.card_facts(info, out_dir, paths, license, repo_id, image,
+                                                         grid[1] if grid else None))
+    return paths
 
 
 def _plain_file_name(name: str, what: str = "--output_name") -> str:
@@ -93,7 +109,7 @@ def read_source(source: Path, teacher: str | None) -> Source:
             raise FileNotFoundError(f"{config_path} is missing: a checkpoint-N folder is read with its run's config.yaml.")
         changes = tuple(record.get("config_changes", ()))
         return Source(flat, {}, checkpoint_step(source), lambda config: export.read_checkpoint_lora(source, config, flat),
-                      [source, config_path], changes)
+                      [source, config_path], changes, source.parent)
     lora = _run_kohya_file(source) or export.lora_file(source)
     if not lora.is_file():
         raise FileNotFoundError(f"{source}: give a checkpoint-N folder, a training output folder or a LoRA .safetensors.")
@@ -110,7 +126,9 @@ def read_source(source: Path, teacher: str | None) -> Source:
     changes = _json(meta.get("lcm_lora.config_changes", "[]"), f"{lora}: lcm_lora.config_changes")
     if not isinstance(changes, list) or not all(isinstance(c, str) for c in changes):
         raise ConfigError(f"{lora}: lcm_lora.config_changes must be a JSON list of strings.")
-    return Source(flat, meta, steps, lambda config: export.read_lora(lora, config)[0], [source, lora], tuple(changes))
+    run_dir = next((d for d in (source, lora.parent) if (d / "config.yaml").is_file()), None)  # a run's own LoRA
+    return Source(flat, meta, steps, lambda config: export.read_lora(lora, config)[0], [source, lora], tuple(changes),
+                  run_dir)
 
 
 def _run_kohya_file(folder: Path) -> Path | None:

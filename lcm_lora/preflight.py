@@ -19,6 +19,7 @@ from .data.cache import read_manifest
 from .data.shards import expand_shards, require_webdataset
 from .models import teacher_fingerprint, teacher_problems, unet_config, unet_module_paths
 from .checkpoint import checkpoint_step
+from .hub import hub_problems, repo_name
 from .run_dir import RunPlan, plan_run
 
 # Accelerate's tracker names (accelerate/tracking.py LOGGER_TYPE_TO_CLASS) and the module each one imports.
@@ -34,7 +35,7 @@ def check_training(config: TrainConfig) -> RunPlan:
         problems = (teacher_problems(config.model, config.data.resolution, config.distill.num_ddim_timesteps,
                                      encoders=not config.data.encodings_dir)
                     + tracker_problems(config.run.report_to) + precision_problems(config.run.mixed_precision)
-                    + optimizer_problems(config.optim.use_8bit_adam))
+                    + optimizer_problems(config.optim.use_8bit_adam) + hub_problems(config.run))
     if not problems:
         problems = target_problems(config)
     if problems:
@@ -124,9 +125,13 @@ def plan_summary(config: TrainConfig, plan: RunPlan) -> str:
     """What train does in its output folder, in one line (printed before anything loads)."""
     out = config.run.output_dir
     if plan.finished:
-        return f"{out} holds the finished run ({plan.checkpoint.name}): nothing to train."
-    if plan.checkpoint is not None:
-        return f"resuming from {plan.checkpoint} (step {checkpoint_step(plan.checkpoint)})."
-    if config.run.resume_from_checkpoint == "latest":
-        return f"--resume_from_checkpoint latest: no checkpoint in {out} yet, so a new run starts."
-    return f"a new run in {out}."
+        what = f"{out} holds the finished run ({plan.checkpoint.name}): nothing to train."
+    elif plan.checkpoint is not None:
+        what = f"resuming from {plan.checkpoint} (step {checkpoint_step(plan.checkpoint)})."
+    elif config.run.resume_from_checkpoint == "latest":
+        what = f"--resume_from_checkpoint latest: no checkpoint in {out} yet, so a new run starts."
+    else:
+        what = f"a new run in {out}."
+    if config.run.push_to_hub:
+        what += f" Then {out} goes up to the Hub repo {repo_name(config.run)} (created if missing)."
+    return what

@@ -1,7 +1,8 @@
 """An output folder belongs to one run: claimed with a lock, never replaced without --overwrite, and resumed only
 with the configuration its checkpoints were trained with.
 
-A run's folder holds `config.yaml`, `checkpoint-N` folders, `validation/` and the exported LoRA files.
+A run's folder holds `config.yaml`, `checkpoint-N` folders, `validation/`, the exported LoRA files and their model
+card, README.md.
 `plan_run` reads it before any weight loads and decides what a `train` command does there: start a new run,
 resume one, or nothing at all, because the run is finished.
 """
@@ -22,10 +23,12 @@ import yaml
 from .checkpoint import check_intact, checkpoint_step, checkpoints, find_checkpoint, read_record
 from .config import ConfigError, TrainConfig
 from .export import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME
+from .model_card import CARD_NAME, is_own_card
 from .safetensors_io import read_metadata
 
 LOCK_NAME = ".lcm-lora.lock"
-# Flags that change how a run is watched, saved or sped up, never what it computes: a resume may change them.
+# Flags that change how a run is watched, saved, published or sped up, never what it computes: a resume may change
+# them.
 # --max_train_steps is among them so that a finished run can be extended.
 NEUTRAL_FLAGS = frozenset({
     "output_dir", "resume_from_checkpoint", "allow_config_change", "overwrite", "max_train_steps",
@@ -33,6 +36,7 @@ NEUTRAL_FLAGS = frozenset({
     "validation_inference_steps", "export_formats", "export_dtype", "output_name", "report_to", "logging_dir",
     "dataloader_num_workers", "max_consecutive_nonfinite_steps", "max_bad_samples_fraction",
     "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "allow_tf32", "allow_pickle_weights",
+    "license", "push_to_hub", "hub_model_id",
 })
 
 
@@ -118,7 +122,19 @@ def plan_run(config: TrainConfig) -> RunPlan:
     plan = RunPlan() if checkpoint is None else _resume_plan(config, checkpoint)
     if checkpoint is None or checkpoint.parent.resolve() != out.resolve():
         plan.replace = _earlier_run(config, out)
+    _check_card(config, out)
     return plan
+
+
+def _check_card(config: TrainConfig, out: Path) -> None:
+    """The run writes its model card to README.md: a README.md there that lcm-lora did not write is the user's,
+    replaced only with --overwrite."""
+    card = out / CARD_NAME
+    if card.is_file() and not is_own_card(card) and not config.run.overwrite:
+        how = ("move it elsewhere" if config.run.resume_from_checkpoint is not None else
+               "move it elsewhere, or add --overwrite to replace it")
+        raise ConfigError(f"--output_dir {out} holds a README.md that lcm-lora did not write, and the run writes its "
+                          f"model card there: {how}.")
 
 
 def _resume_plan(config: TrainConfig, checkpoint: Path) -> RunPlan:
@@ -183,6 +199,8 @@ def _earlier_run(config: TrainConfig, out: Path) -> list[Path]:
         found.append(out / "config.yaml")
     if (out / "validation").is_dir() and found:
         found.append(out / "validation")
+    if found and is_own_card(out / CARD_NAME):
+        found.append(out / CARD_NAME)
     if not found or config.run.overwrite:
         return found
     names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")

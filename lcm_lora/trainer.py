@@ -22,7 +22,7 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from . import export
+from . import export, hub, model_card
 from .checkpoint import (DataPosition, TrainingStopped, checkpoint_step, checkpoints, register_lora_checkpointing,
                          save_checkpoint)
 from .conditioning import Cond, encode_text, fixed_time_ids, time_ids, uncond_for, unet_kwargs
@@ -103,17 +103,47 @@ def make_optimizer(params: list[torch.nn.Parameter], o: OptimArgs, num_processes
     return torch.optim.AdamW(params, **kwargs)
 
 
+def export_info(config: TrainConfig, prediction_type: str, unet_config: dict, step: int,
+                config_changes: tuple[str, ...] = ()) -> export.ExportInfo:
+    teacher_name = config.model.pretrained_teacher_model
+    return export.ExportInfo(config_flat=config.to_flat_dict(), teacher=teacher_name, prediction_type=prediction_type,
+                             steps=step, unet_config=dict(unet_config), config_changes=config_changes,
+                             output_name=config.run.output_name or export.default_output_name(teacher_name))
+
+
 def export_lora(accelerator: Accelerator, unet, config: TrainConfig, teacher: Teacher, step: int, out_dir: Path,
                 export_formats: tuple[str, ...] = ("diffusers",), config_changes: tuple[str, ...] = ()) -> list[Path]:
     """The LoRA as users get it, in each of `export_formats` (validation reads the diffusers file)."""
     unet = accelerator.unwrap_model(unet)
-    teacher_name = config.model.pretrained_teacher_model
-    info = export.ExportInfo(config_flat=config.to_flat_dict(), teacher=teacher_name,
-                             prediction_type=teacher.prediction_type, steps=step, unet_config=dict(unet.config),
-                             output_name=config.run.output_name or export.default_output_name(teacher_name),
-                             config_changes=config_changes)
+    info = export_info(config, teacher.prediction_type, unet.config, step, config_changes)
     return export.write_formats(export.lora_modules(unet), out_dir, export_formats,
                                 export.DTYPES[config.run.export_dtype], info)
+
+
+def write_run_card(info: export.ExportInfo, config: TrainConfig, files: list[Path], repo_id: str | None) -> Path:
+    """The run's model card beside its LoRA files, showing its last validation grid (preflight made sure that a
+    README.md already there is the run's own card, or --overwrite allows replacing it)."""
+    out = Path(config.run.output_dir)
+    grid = model_card.validation_grid(out, info.steps)
+    facts = model_card.card_facts(info, out, files, config.run.license, repo_id, *(grid or (None, None)))
+    return model_card.write_card(out, facts)
+
+
+def hub_repo(accelerator: Accelerator, config: TrainConfig) -> str | None:
+    """With --push_to_hub, the repo's full id, the repo created (or found) by the main process before anything
+    loads, so a bad token or repo id stops the run now rather than after training; every process gets its answer."""
+    if not config.run.push_to_hub:
+        return None
+    answer = None
+    if accelerator.is_main_process:
+        try:
+            answer = (hub.create_repo_id(hub.repo_name(config.run)), None)
+        except hub.HubError as err:
+            answer = (None, str(err))
+    repo_id, refused = gather_object([answer])[0]
+    if refused:
+        raise hub.HubError(refused)
+    return repo_id
 
 
 def log_validation(accelerator, unet, config: TrainConfig, teacher: Teacher, step: int) -> None:
@@ -318,21 +348,38 @@ class NonFiniteGuard:
 
 
 def train(config: TrainConfig) -> Path:
-    """Distill an LCM-LoRA; returns the folder holding pytorch_lora_weights.safetensors."""
+    """Distill an LCM-LoRA; returns the folder holding pytorch_lora_weights.safetensors and its model card. With
+    --push_to_hub the folder is then uploaded (hub.py), a finished run's too."""
     plan = check_training(config)
     out = Path(config.run.output_dir)
     accelerator = make_accelerator(config)
-    if plan.finished:
-        accelerator.print(f"{out} holds the finished run ({plan.checkpoint.name}, --max_train_steps "
-                          f"{config.optim.max_train_steps}, LoRA exported): nothing to do. Raise --max_train_steps "
-                          "to train on.")
-        end_processes(accelerator)
-        return out
-    accelerator.print(plan_summary(config, plan))
+    repo_id = hub_repo(accelerator, config)
     with claimed(accelerator, out):
-        if accelerator.is_main_process:
-            remove_earlier_run(plan.replace)  # only with --overwrite: check_training refused it otherwise
-        return distill(config, plan, accelerator)
+        if plan.finished:
+            accelerator.print(f"{out} holds the finished run ({plan.checkpoint.name}, --max_train_steps "
+                              f"{config.optim.max_train_steps}, LoRA exported): nothing to do. Raise "
+                              "--max_train_steps to train on.")
+            if repo_id and accelerator.is_main_process:
+                refresh_card(config, plan, repo_id)  # its snippet now names the repo
+            end_processes(accelerator)
+        else:
+            accelerator.print(plan_summary(config, plan))
+            if accelerator.is_main_process:
+                remove_earlier_run(plan.replace)  # only with --overwrite: check_training refused it otherwise
+            distill(config, plan, accelerator, repo_id)
+        if repo_id and accelerator.is_main_process:  # after end_processes: the other processes have exited
+            accelerator.print(f"uploaded {out} to {hub.upload(out, repo_id, config.run.logging_dir)}")
+    return out
+
+
+def refresh_card(config: TrainConfig, plan: RunPlan, repo_id: str) -> Path:
+    """A finished run's card rewritten from its config and files, read without any weights."""
+    from .models import teacher_prediction_type, unet_config
+
+    info = export_info(config, teacher_prediction_type(config.model), unet_config(config.model),
+                       checkpoint_step(plan.checkpoint), tuple(plan.config_changes))
+    paths = export.output_paths(config.run.output_dir, config.run.export_formats, info.output_name).values()
+    return write_run_card(info, config, [p for p in paths if p.is_file()], repo_id)
 
 
 @contextlib.contextmanager
@@ -353,8 +400,9 @@ def claimed(accelerator: Accelerator, out: Path):
         lock.release()
 
 
-def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator) -> Path:
-    """The run itself: load, resume if planned, loop, and export; a stop signal checkpoints and raises."""
+def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator, repo_id: str | None = None) -> Path:
+    """The run itself: load, resume if planned, loop, and export the LoRA with its model card (whose snippet loads
+    it from `repo_id` when given); a stop signal checkpoints and raises."""
     out = Path(config.run.output_dir)
     if config.run.seed is not None:
         set_seed(config.run.seed)
@@ -452,8 +500,11 @@ def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator) -> Pat
         accelerator.print(f"data: {BadSampleLog.combined(gather_object([bad_samples])).summary()}")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            for path in export_lora(accelerator, unet, config, teacher, global_step, out, config.run.export_formats,
-                                    tuple(plan.config_changes)):
+            changes = tuple(plan.config_changes)
+            paths = export_lora(accelerator, unet, config, teacher, global_step, out, config.run.export_formats, changes)
+            info = export_info(config, teacher.prediction_type, accelerator.unwrap_model(unet).config, global_step,
+                               changes)
+            for path in [*paths, write_run_card(info, config, paths, repo_id)]:
                 accelerator.print(f"saved {path}")
     end_processes(accelerator)
     return out

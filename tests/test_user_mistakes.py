@@ -127,8 +127,11 @@ MISTAKES = [
      "--report_to wandb: wandb is not installed (pip install wandb), or pass --report_to none.", 10),
     ("target-module-typo", [*TRAIN, "--lora_target_modules", "to_q,to_kk", "--dry-run"],
      "--lora_target_modules to_kk: no Linear or Conv2d of the teacher's UNet is named so", 10),
-    ("push-to-hub", [*TRAIN, "--push_to_hub", "--dry-run"], "--push_to_hub: upload the output folder after "
-                                                           "training: hf upload <repo_id> <output_dir>.", 10),
+    ("push-to-hub-offline", [*TRAIN, "--push_to_hub", "--dry-run"],
+     "--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded", 10),
+    ("hub-token-on-the-command-line", [*TRAIN, "--hub_token", "hf_x", "--dry-run"],
+     "--hub_token: log in with `hf auth login` instead", 10),
+    ("license-not-a-hub-id", [*TRAIN, "--license", "MIT", "--dry-run"], "--license 'MIT': not a Hub license id", 10),
     ("cast-teacher-unet", [*TRAIN, "--cast_teacher_unet", "--dry-run"],
      "--cast_teacher_unet: the teacher always runs in --mixed_precision's dtype here", 10),
     ("8bit-adam-without-bitsandbytes", [*TRAIN, "--use_8bit_adam", "--dry-run"],
@@ -144,7 +147,7 @@ MISTAKES = [
     ("fewer-samples-than-a-batch", [*TRAIN, "--train_batch_size", "32", "--dry-run"],
      "the data has 16 samples, fewer than one batch (--train_batch_size 32)", 10),
     ("diffusers-readme-command", ["train", *DIFFUSERS_README_COMMAND, "--dry-run"],
-     "--push_to_hub: upload the output folder after training", 10),
+     "--report_to wandb: wandb is not installed", 10),
     ("export-missing-checkpoint", ["export", "--checkpoint", "{root}/nope", "--output_dir", "{root}/exp"],
      "{root}/nope", 10),
     ("merge-missing-model", ["merge", "--checkpoint", "{root}/nope.safetensors", "--lora", "{run}", "--output",
@@ -195,7 +198,8 @@ def _dry_run(argv: list[str], capsys) -> dict:
 def test_the_diffusers_readme_command_runs_once_its_unavailable_extras_are_dropped(world, no_weights, capsys,
                                                                                    monkeypatch):
     """Without the flags this machine cannot honour (fp16 needs a GPU; xformers, bitsandbytes and wandb are not
-    installed; --push_to_hub is `hf upload`), the README command passes every check, its values as given."""
+    installed; --push_to_hub needs the Hub, switched off here), the README command passes every check, its values
+    as given."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "")
     dropped = ("--mixed_precision", "--enable_xformers", "--use_8bit_adam", "--report_to", "--push_to_hub")
     argv = [a for a in _filled(DIFFUSERS_README_COMMAND, world) if not a.startswith(dropped)]
