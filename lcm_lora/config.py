@@ -497,8 +497,9 @@ def parse_train_args(argv: list[str] | None = None, command: str = "train") -> t
         source = f"{args['config']} and the command line"
         values = load_yaml(args.pop("config"))
     values = with_overrides(values, args)
-    if "mixed_precision" not in values and accelerate_mixed_precision():
-        values["mixed_precision"] = accelerate_mixed_precision()  # as diffusers' scripts default to it
+    launch_precision = None if "mixed_precision" in values else accelerate_mixed_precision()
+    if launch_precision:
+        values["mixed_precision"] = launch_precision  # as diffusers' scripts default to it
     return TrainConfig.from_flat_dict(values, source=source), dry_run
 
 

@@ -10,11 +10,11 @@ run's lock and temporary files.
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 
 from .config import RunArgs
+from .model_ref import hub_offline
 
 
 class HubError(RuntimeError):
@@ -34,10 +34,6 @@ def ignore_patterns(logging_dir: str) -> list[str]:
     return patterns
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
 def hub_problems(run: RunArgs) -> list[str]:
     """What can be checked of --push_to_hub without the network: the repo id's form, that the Hub is not switched
     off (HF_HUB_OFFLINE) and that a token is saved. Whether the token may write to the repo is known only when the
@@ -53,7 +49,7 @@ def hub_problems(run: RunArgs) -> list[str]:
     except HFValidationError as err:
         flag = "--hub_model_id" if run.hub_model_id else "--push_to_hub: the repo named after --output_dir,"
         return [f"{flag} {name!r} is not a Hub repo id ({err}). Give --hub_model_id owner/name."]
-    if offline():
+    if hub_offline():
         return ["--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it, or drop --push_to_hub "
                 "and upload the folder later with `hf upload`."]
     if get_token() is None:

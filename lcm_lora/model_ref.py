@@ -94,7 +94,7 @@ def hub_configs(repo_id: str, revision: str | None, flag: str) -> Path:
                                       allow_patterns=CONFIG_PATTERNS))
     except (OSError, ValueError):
         pass  # not in the cache
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         raise ConfigError(f"{flag} {repo_id}: no local folder of that name, and as a hub id it is not in the local "
                           "Hugging Face cache while HF_HUB_OFFLINE is set: download it once online, or give a local "
                           "folder or file.")
@@ -114,6 +114,11 @@ def hub_configs(repo_id: str, revision: str | None, flag: str) -> Path:
         raise ConfigError(f"{flag} {repo_id}: cannot reach the Hugging Face Hub ({type(cause).__name__}: {reason}) "
                           "and the model is not in the local cache: connect to the internet, or give a local folder "
                           "or file.") from None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it: 1, true, yes or on."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 def _what_is_missing(name: str) -> str:
