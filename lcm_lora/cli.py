@@ -4,6 +4,8 @@
     lcm-lora cache --config configs/tiny.yaml --encodings_dir cache/tiny-eps   # encode the data once
     lcm-lora generate --pretrained_model teacher-eps --lora output/tiny-eps --prompt "a red circle ..."
     lcm-lora export --checkpoint output/tiny-eps/checkpoint-400 --output_dir exported/ --formats kohya diffusers
+    lcm-lora export --checkpoint output/tiny-eps --from_checkpoint best --output_dir exported/
+    lcm-lora compare --pretrained_model teacher-eps --lora output/tiny-eps --output_dir compare/ --prompt "a red circle ..."
     lcm-lora merge --checkpoint model.safetensors --lora output/tiny-eps --output merged.safetensors --single_file_config DIR
     lcm-lora world dataset --out data/tiny-world --num_images 2000
 """
@@ -81,6 +83,35 @@ def cache_main(argv: list[str] | None = None) -> None:
     print(f"wrote {manifest['num_samples']} samples to {out} (skipped: {manifest['skipped'] or 'none'})")
 
 
+def add_model_flags(parser: argparse.ArgumentParser, lora_help: str) -> None:
+    parser.add_argument("--pretrained_model", required=True,
+                        help="Base model: hub id, folder, teacher-eps, or a single-file .safetensors checkpoint.")
+    parser.add_argument("--single_file_config", default=None,
+                        help="For a single-file --pretrained_model: a local diffusers folder with its configs.")
+    parser.add_argument("--lora", default=None, help=lora_help)
+
+
+def add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--height", type=int, default=None, help="Default: the model's sample size.")
+    parser.add_argument("--width", type=int, default=None, help="Default: the model's sample size.")
+    parser.add_argument("--num_ddim_timesteps", type=int, default=None,
+                        help="The LoRA's training run's value; default: read from the LoRA's metadata, else 50.")
+    parser.add_argument("--timestep_scaling_factor", type=float, default=None,
+                        help="The LoRA's training run's value; default: read from the LoRA's metadata, else 10.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda when available, else cpu (here: %(default)s).")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="(default: %(default)s)")
+
+
+def input_paths(args: argparse.Namespace) -> list:
+    """The files a generating command reads, which its outputs must never replace."""
+    from .models import resolve_teacher
+    from .world import assets
+
+    return [resolve_teacher(args.pretrained_model), args.lora and assets.resolve(args.lora),
+            args.single_file_config and resolve_teacher(args.single_file_config)]
+
+
 def generate_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lcm-lora generate", description="Few-step images with an LCM-LoRA.",
@@ -88,11 +119,7 @@ def generate_main(argv: list[str] | None = None) -> None:
                "seed), with the prompt, negative prompt, seed, steps, guidance, model, LoRA and scheduler in its PNG "
                "text (lcm_lora.* keys, and A1111's `parameters`), then grid.png of them all (a row per prompt when "
                "--num_images_per_prompt is above 1).")
-    parser.add_argument("--pretrained_model", required=True,
-                        help="Base model: hub id, folder, teacher-eps, or a single-file .safetensors checkpoint.")
-    parser.add_argument("--single_file_config", default=None,
-                        help="For a single-file --pretrained_model: a local diffusers folder with its configs.")
-    parser.add_argument("--lora", default=None, help="Folder or .safetensors file of the LoRA (omit: no LoRA).")
+    add_model_flags(parser, "Folder or .safetensors file of the LoRA (omit: no LoRA).")
     parser.add_argument("--prompt", nargs="+", required=True, help="One or more prompts.")
     parser.add_argument("--negative_prompt", nargs="+", default=None,
                         help="One for every prompt, or one per prompt. As in diffusers, used only with "
@@ -108,27 +135,16 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="Image k (prompts in order, --num_images_per_prompt each) gets seed + k: a file's "
                              "prompt and seed draw it again (default: %(default)s).")
-    parser.add_argument("--height", type=int, default=None, help="Default: the model's sample size.")
-    parser.add_argument("--width", type=int, default=None, help="Default: the model's sample size.")
-    parser.add_argument("--num_ddim_timesteps", type=int, default=None,
-                        help="The training run's value; default: read from the LoRA's metadata, else 50.")
-    parser.add_argument("--timestep_scaling_factor", type=float, default=None,
-                        help="The training run's value; default: read from the LoRA's metadata, else 10.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda when available, else cpu (here: %(default)s).")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="(default: %(default)s)")
+    add_pipeline_flags(parser)
     parser.add_argument("--output_dir", type=Path, default=Path("generated"),
                         help="Created when missing (default: %(default)s).")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace files of these names already in --output_dir; nothing else there is touched.")
     args = parser.parse_args(argv)
     from .inference import draw, image_paths, image_specs, load_lcm_pipeline, save_images, settings_text
-    from .models import resolve_teacher
     from .safetensors_io import check_outputs
-    from .world import assets
 
-    inputs = [resolve_teacher(args.pretrained_model), args.lora and assets.resolve(args.lora),
-              args.single_file_config and resolve_teacher(args.single_file_config)]
+    inputs = input_paths(args)
     try:  # the flags and outputs are checked first: a refusal should not come after minutes of loading and sampling
         for flag in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
             if getattr(args, flag) < 1:
@@ -156,6 +172,9 @@ def export_main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="A checkpoint-N folder, a training output folder, or a LoRA .safetensors (diffusers or kohya).")
+    parser.add_argument("--from_checkpoint", default=None, metavar="best|latest|N",
+                        help="With --checkpoint naming a training output folder: export its checkpoint with the best "
+                             "agreement with the teacher at 4 steps (from its metrics.jsonl), its latest, or step N.")
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--formats", nargs="+", choices=EXPORT_FORMATS, default=None,
                         help="diffusers: pytorch_lora_weights.safetensors (kohya keys, as the official LCM-LoRA repos: "
@@ -190,7 +209,13 @@ def export_main(argv: list[str] | None = None) -> None:
         if problems:
             sys.exit(f"error: {problems[0]}")
         repo_id = hub.create_repo_id(hub.repo_name(run)) if args.push_to_hub else None
-        paths = export_lora_files(args.checkpoint, args.output_dir, args.formats, args.dtype and DTYPES[args.dtype],
+        source = args.checkpoint
+        if args.from_checkpoint is not None:
+            from .run_log import select_checkpoint
+
+            source, what = select_checkpoint(args.checkpoint, args.from_checkpoint)
+            print(f"exporting {source}: {what}")
+        paths = export_lora_files(source, args.output_dir, args.formats, args.dtype and DTYPES[args.dtype],
                                   args.pretrained_teacher_model, args.single_file_config, args.output_name,
                                   args.overwrite, args.license, repo_id)
         for path in [*paths, args.output_dir / CARD_NAME]:
@@ -198,6 +223,61 @@ def export_main(argv: list[str] | None = None) -> None:
         if repo_id:
             print(f"uploaded {args.output_dir} to {hub.upload(args.output_dir, repo_id, run.logging_dir)}")
     except (*USER_ERRORS, hub.HubError) as err:
+        sys.exit(f"error: {err}")
+
+
+def compare_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lcm-lora compare",
+        description="How close few-step samples come to the model's own many-step sample from the same seed: the "
+                    "plain model (DDIM) and, with --lora, the LCM-LoRA (LCMScheduler), at each step count and "
+                    "guidance; PSNR, SSIM, latent MSE and seconds per image.",
+        epilog="Writes sheet-<k>-steps.png (a row per prompt, a column per sampler), compare.json and compare.html "
+               "(self-contained) in --output_dir.")
+    add_model_flags(parser, "An LCM-LoRA folder or .safetensors file (omit: the model alone).")
+    parser.add_argument("--prompt", nargs="+", required=True, help="One or more prompts; prompt i gets seed --seed + i.")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8],
+                        help="Step counts of the few-step samplers (default: %(default)s).")
+    parser.add_argument("--guidance_scale", nargs="+", type=float, default=[1.0],
+                        help="The LoRA's guidance scales, diffusers' convention: 1 = no classifier-free guidance "
+                             "(default: %(default)s).")
+    parser.add_argument("--teacher_guidance_scale", nargs="+", type=float, default=None,
+                        help="The plain model's guidance scales at few steps; default: the reference's.")
+    parser.add_argument("--reference_steps", type=int, default=25,
+                        help="DDIM steps of the reference sample (default: %(default)s).")
+    parser.add_argument("--reference_guidance_scale", type=float, default=None,
+                        help="Guidance of the reference; default: the one an lcm-lora LoRA was trained to reproduce "
+                             "(1 + mean w, from its metadata), else 7.5.")
+    parser.add_argument("--fuse_lora", action="store_true",
+                        help="Merge the LoRA into the weights (pipe.fuse_lora()) before sampling, as fast serving does.")
+    add_pipeline_flags(parser)
+    parser.add_argument("--output_dir", type=Path, required=True, help="Created when missing.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace files of these names already in --output_dir; nothing else there is touched.")
+    args = parser.parse_args(argv)
+    from . import compare
+    from .safetensors_io import check_outputs
+    from .world import assets
+
+    inputs = input_paths(args)
+    try:
+        if min(args.steps) < 1 or args.reference_steps < 1:
+            raise ValueError(f"--steps and --reference_steps must be at least 1, got {args.steps} and "
+                             f"{args.reference_steps}.")
+        if (args.height is None) != (args.width is None):
+            raise ValueError("give both --height and --width, or neither.")
+        check_outputs(compare.output_paths(args.output_dir, args.steps), inputs, args.overwrite)
+        result = compare.compare(
+            args.pretrained_model, args.lora and str(assets.resolve(args.lora)), args.prompt, args.seed, args.steps,
+            args.guidance_scale, args.teacher_guidance_scale, args.reference_steps, args.reference_guidance_scale,
+            args.height and (args.height, args.width), args.device, DTYPES[args.dtype], args.single_file_config,
+            {"original_inference_steps": args.num_ddim_timesteps, "timestep_scaling": args.timestep_scaling_factor},
+            args.fuse_lora)
+        print(compare.table(result["summary"]))
+        for path in compare.write(result, args.output_dir):
+            print(f"wrote {path}")
+    except USER_ERRORS as err:
         sys.exit(f"error: {err}")
 
 
@@ -238,13 +318,14 @@ def world_main(argv: list[str]) -> None:
 
 
 COMMANDS = {"train": train_main, "cache": cache_main, "generate": generate_main, "export": export_main,
-            "merge": merge_main, "world": world_main}
+            "merge": merge_main, "compare": compare_main, "world": world_main}
 SUMMARIES = {
     "train": "distill an LCM-LoRA from a Stable Diffusion teacher (also: python train_lcm_lora.py)",
     "cache": "encode a data set once (VAE latents, text embeddings) for training without the encoders",
     "generate": "few-step images with an LCM-LoRA (LCMScheduler), on a hub id, folder or single file",
     "export": "write a LoRA or checkpoint in the diffusers, kohya (ComfyUI / A1111) and PEFT layouts",
     "merge": "bake a LoRA into a single-file checkpoint",
+    "compare": "few-step samples (plain and with an LCM-LoRA) against the model's many-step ones: sheets, metrics, speed",
     "world": "the bundled tiny world's images: lcm-lora world dataset --out data/tiny-world",
 }
 

@@ -156,6 +156,9 @@ class RunArgs:
     enable_xformers_memory_efficient_attention: bool = field(default=False, metadata=_help(
         "Use xformers attention (pip install 'lcm-lora[xformers]'); default is PyTorch SDPA."))
     allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
+    torch_compile: bool = field(default=False, metadata=_help(
+        "Compile the UNet with torch.compile (inductor): the first steps take longer while it compiles, once for the "
+        "LoRA on and once off (docs/performance.md)."))
     checkpointing_steps: int = field(default=500, metadata=_help(
         "Save the training state every N steps (0: only when stopped by a signal).", low=0))
     checkpoints_total_limit: int | None = field(default=None, metadata=_help(
@@ -170,10 +173,16 @@ class RunArgs:
         "Start a new run in an --output_dir that holds one, replacing its checkpoints, config and LoRA files."))
     max_consecutive_nonfinite_steps: int = field(default=10, metadata=_help(
         "Optimizer steps with a non-finite loss or gradient are skipped; stop after this many in a row.", low=1))
-    validation_steps: int = field(default=200, metadata=_help("Log validation images every N steps (0: never).", low=0))
-    validation_prompts: tuple[str, ...] = field(default=(), metadata=_help("Prompts for validation images."))
+    validation_steps: int = field(default=200, metadata=_help(
+        "Every N steps and at the last, sample the validation prompts and score the LoRA's agreement with the "
+        "teacher into metrics.jsonl (0: never).", low=0))
+    validation_prompts: tuple[str, ...] = field(default=(), metadata=_help(
+        "Prompts for validation; prompt i starts from seed --seed + i."))
     validation_inference_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=_help(
-        "LCM step counts shown at each validation.", low=1))
+        "LCM step counts drawn and scored at each validation.", low=1))
+    validation_teacher_steps: int = field(default=25, metadata=_help(
+        "DDIM steps of the teacher's reference sample, drawn once per run at guidance_scale 1 + (w_min + w_max) / 2, "
+        "the guidance the LoRA learns.", low=1))
     export_formats: tuple[str, ...] = field(default=("diffusers", "kohya"), metadata=_help(
         "LoRA files written at the end: diffusers (pytorch_lora_weights.safetensors with kohya keys, as the official "
         "LCM-LoRA repos ship it: loads in diffusers, ComfyUI, A1111 / Forge, InvokeAI and sd-scripts), kohya (the same "
@@ -193,7 +202,8 @@ class RunArgs:
         "SD 2.x and SDXL openrail++, SSD-1B and Vega apache-2.0). Give the teacher's own when it has another."))
     push_to_hub: bool = field(default=False, metadata=_help(
         "Upload the output folder to the Hugging Face Hub at the end, as diffusers' scripts do: the LoRA files, "
-        "README.md and validation images (not checkpoints, logs or config.yaml). Log in first: hf auth login."))
+        "README.md, validation images and plots (not checkpoints, logs, metrics.jsonl or config.yaml). Log in first: "
+        "hf auth login."))
     hub_model_id: str | None = field(default=None, metadata=_help(
         "The Hub repo for --push_to_hub (owner/name, or a name under your account); default: --output_dir's folder "
         "name. Created when missing, with your account's default visibility."))

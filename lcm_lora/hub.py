@@ -2,10 +2,10 @@
 (examples/consistency_distillation/train_lcm_distill_lora_sdxl.py: `create_repo(..., exist_ok=True)` before training,
 so a bad token or repo id stops the run at once, and `upload_folder` of the output folder after it).
 
-What goes up: the LoRA files, the model card (README.md) and the validation images. What stays: checkpoints
-(optimizer state, resumable only here), the tracker logs and config.yaml (both hold this machine's paths; the card
-carries the configuration with local paths cut to their last part), the validation exports' own LoRA files, and the
-run's lock and temporary files.
+What goes up: the LoRA files, the model card (README.md), the validation images and sheets, and the plots. What stays:
+checkpoints (optimizer state, resumable only here), the tracker logs, metrics.jsonl and config.yaml (logs and the
+config hold this machine's paths; the card carries the configuration with local paths cut to their last part), the
+validation exports' own LoRA files and the teacher's kept samples, and the run's lock and temporary files.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def repo_name(run: RunArgs) -> str:
 
 def ignore_patterns(logging_dir: str) -> list[str]:
     """upload_folder's patterns of what stays local (fnmatch on paths relative to the folder; `*` crosses `/`)."""
-    patterns = ["checkpoint-*", "config.yaml", ".*", "validation/*.safetensors"]  # .*: the lock, temporary files
+    patterns = ["checkpoint-*", "config.yaml", "metrics.jsonl", ".*", "validation/*.safetensors"]  # .*: lock, temp files
     if not Path(logging_dir).is_absolute():  # an absolute --logging_dir lies outside the folder anyway
         patterns.append(f"{Path(logging_dir).as_posix().strip('/')}/*")
     return patterns

@@ -37,24 +37,39 @@ def load_lcm_pipeline(pretrained_model: str, lora: str | Path | None, device: st
     """
     resolve_model(pretrained_model, single_file_config, flag="--pretrained_model")  # one line if it names nothing
     lora = assets.resolve(lora) if lora is not None else None  # a path, or the bundled style-dusk example
+    if lora is not None:  # checked before the base model's weights load
+        model = ModelArgs(pretrained_teacher_model=pretrained_model, single_file_config=single_file_config)
+        check_lora_for_diffusers(lora, unet_config(model))
+    pipe = load_base_pipeline(pretrained_model, single_file_config)
+    use_lcm_lora(pipe, lora, original_inference_steps, timestep_scaling)
+    pipe.set_progress_bar_config(disable=True)
+    return place(pipe, device, dtype)
+
+
+def place(pipe, device: str, dtype: torch.dtype):
+    """`pipe` on `device`, cast only when its dtype differs (diffusers warns on every cast, even to the same dtype)."""
+    return pipe.to(device) if pipe.dtype == dtype else pipe.to(device, dtype)
+
+
+def use_lcm_lora(pipe, lora: str | Path | None, original_inference_steps: int | None = None,
+                 timestep_scaling: float | None = None) -> None:
+    """LCMScheduler on `pipe` (settings as in `load_lcm_pipeline`), and the LoRA loaded with load_lora_weights after
+    export.check_lora_for_diffusers checked it against the pipeline's UNet."""
+    lora = assets.resolve(lora) if lora is not None else None
     settings = lcm_scheduler_settings(lora) if lora is not None else {}
     for name, value, integer in (("original_inference_steps", original_inference_steps, True),
                                  ("timestep_scaling", timestep_scaling, False)):
         if value is not None:
             settings[name] = number(value, name, integer)
-    if lora is not None:
-        model = ModelArgs(pretrained_teacher_model=pretrained_model, single_file_config=single_file_config)
-        lora_path = check_lora_for_diffusers(lora, unet_config(model))
-    pipe = load_base_pipeline(pretrained_model, single_file_config)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **settings)
-    if lora is not None:
-        try:
-            pipe.load_lora_weights(str(lora_path))
-        except Exception as err:  # diffusers raises IndexError, KeyError, ValueError... on what it cannot convert
-            raise LoraFormatError(f"{lora_path}: diffusers' load_lora_weights failed ({type(err).__name__}: "
-                                  f"{' '.join(str(err).split())}).") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    if lora is None:
+        return
+    lora_path = check_lora_for_diffusers(lora, dict(pipe.unet.config))
+    try:
+        pipe.load_lora_weights(str(lora_path))
+    except Exception as err:  # diffusers raises IndexError, KeyError, ValueError... on what it cannot convert
+        raise LoraFormatError(f"{lora_path}: diffusers' load_lora_weights failed ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())}).") from None
 
 
 def load_base_pipeline(pretrained_model: str, single_file_config: str | None = None):

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from .agreement import reference_guidance
 from .config import ConfigError, TrainConfig
 from .data import DataError, load_source
 from .data.cache import read_manifest
@@ -132,6 +133,18 @@ def plan_summary(config: TrainConfig, plan: RunPlan) -> str:
         what = f"--resume_from_checkpoint latest: no checkpoint in {out} yet, so a new run starts."
     else:
         what = f"a new run in {out}."
+    what += " " + validation_summary(config)
     if config.run.push_to_hub:
         what += f" Then {out} goes up to the Hub repo {repo_name(config.run)} (created if missing)."
     return what
+
+
+def validation_summary(config: TrainConfig) -> str:
+    r, d = config.run, config.distill
+    if not (r.validation_steps and r.validation_prompts):
+        return ("No validation: --validation_steps with --validation_prompts scores the LoRA against the teacher "
+                "during training (docs/watching.md).")
+    steps = ", ".join(map(str, r.validation_inference_steps))
+    return (f"Validation every {r.validation_steps} steps and at the last: {len(r.validation_prompts)} prompts at "
+            f"{steps} steps against the teacher's {r.validation_teacher_steps} DDIM steps at guidance "
+            f"{reference_guidance(d.w_min, d.w_max):g}, into {r.output_dir}/metrics.jsonl.")

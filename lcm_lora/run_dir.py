@@ -1,8 +1,8 @@
 """An output folder belongs to one run: claimed with a lock, never replaced without --overwrite, and resumed only
 with the configuration its checkpoints were trained with.
 
-A run's folder holds `config.yaml`, `checkpoint-N` folders, `validation/`, the exported LoRA files and their model
-card, README.md.
+A run's folder holds `config.yaml`, `checkpoint-N` folders, `validation/`, `metrics.jsonl`, `plots/`, the exported
+LoRA files and their model card, README.md.
 `plan_run` reads it before any weight loads and decides what a `train` command does there: start a new run,
 resume one, or nothing at all, because the run is finished.
 """
@@ -24,6 +24,7 @@ from .checkpoint import check_intact, checkpoint_step, checkpoints, find_checkpo
 from .config import ConfigError, TrainConfig
 from .export import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME
 from .model_card import CARD_NAME, is_own_card
+from .run_log import LOG_NAME, PLOTS_DIR
 from .safetensors_io import read_metadata
 
 LOCK_NAME = ".lcm-lora.lock"
@@ -33,9 +34,11 @@ LOCK_NAME = ".lcm-lora.lock"
 NEUTRAL_FLAGS = frozenset({
     "output_dir", "resume_from_checkpoint", "allow_config_change", "overwrite", "max_train_steps",
     "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "validation_prompts",
-    "validation_inference_steps", "export_formats", "export_dtype", "output_name", "report_to", "logging_dir",
+    "validation_inference_steps", "validation_teacher_steps", "export_formats", "export_dtype", "output_name",
+    "report_to", "logging_dir",
     "dataloader_num_workers", "max_consecutive_nonfinite_steps", "max_bad_samples_fraction",
-    "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "allow_tf32", "allow_pickle_weights",
+    "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "allow_tf32", "torch_compile",
+    "allow_pickle_weights",
     "license", "push_to_hub", "hub_model_id",
 })
 
@@ -197,8 +200,8 @@ def _earlier_run(config: TrainConfig, out: Path) -> list[Path]:
     differs = [k for k in now if before.get(k) != now[k]] if saved is not None else []
     if saved is not None and (found or differs):
         found.append(out / "config.yaml")
-    if (out / "validation").is_dir() and found:
-        found.append(out / "validation")
+    if found:
+        found += [p for p in (out / "validation", out / LOG_NAME, out / PLOTS_DIR) if p.exists()]
     if found and is_own_card(out / CARD_NAME):
         found.append(out / CARD_NAME)
     if not found or config.run.overwrite:

@@ -35,6 +35,7 @@ from .distill import lcd_loss
 from .models import TargetEMA, Teacher, adapter_disabled, attach_lora, is_sdxl, load_teacher, teacher_fingerprint
 from .preflight import check_training, plan_summary
 from .run_dir import OutputLock, RunPlan, remove_earlier_run
+from .run_log import MetricsLog
 from .schedule import ddim_timesteps
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def prepare_models(config: TrainConfig, teacher: Teacher, accelerator: Accelerat
         except Exception as err:  # diffusers raises several types; the message is what matters
             raise ConfigError(f"--enable_xformers_memory_efficient_attention: {err}. "
                               "Install it with pip install 'lcm-lora[xformers]' or drop the flag.") from err
+    if config.run.torch_compile:
+        unet.compile()  # in place: the student, teacher (LoRA off) and target calls all run the compiled forward
     if config.run.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -146,32 +149,50 @@ def hub_repo(accelerator: Accelerator, config: TrainConfig) -> str | None:
     return repo_id
 
 
-def log_validation(accelerator, unet, config: TrainConfig, teacher: Teacher, step: int) -> None:
-    """Images from the LoRA exactly as exported: written to disk, loaded back with load_lora_weights."""
-    from .inference import generate, load_lcm_pipeline, make_grid
+def log_validation(accelerator, unet, config: TrainConfig, teacher: Teacher, step: int, log: MetricsLog) -> None:
+    """The LoRA exported to validation/step-N/, scored against the teacher there (lcm_lora.validation); its
+    numbers go to metrics.jsonl and the trackers, its sheets to the trackers that take images."""
+    from .validation import tracker_scalars, validate
 
     out = Path(config.run.output_dir) / "validation" / f"step-{step}"
     export_lora(accelerator, unet, config, teacher, step, out)
-    pipe = load_lcm_pipeline(config.model.pretrained_teacher_model, out, device=str(accelerator.device),
-                             original_inference_steps=config.distill.num_ddim_timesteps,
-                             timestep_scaling=config.distill.timestep_scaling_factor,
-                             single_file_config=config.model.single_file_config)
-    prompts = list(config.run.validation_prompts)
-    for steps in config.run.validation_inference_steps:
-        images = generate(pipe, prompts, steps, 1.0, seed=config.run.seed or 0,
-                          height=config.data.resolution, width=config.data.resolution)
-        grid = make_grid(images, columns=len(images))
-        grid.save(out / f"{steps}-steps.png")
-        for tracker in accelerator.trackers:
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # the run draws the same numbers with or without validation
+        record, images = validate(config, out, step, str(accelerator.device))
+    if cuda:
+        torch.cuda.empty_cache()  # the validation pipeline's blocks go back before training resumes
+    log.append(record)
+    accelerator.log(tracker_scalars(record), step=step)
+    for tracker in accelerator.trackers:
+        for name, image in images.items():
             if tracker.name == "tensorboard":
                 import numpy as np
 
-                tracker.writer.add_image(f"validation/{steps}_steps", np.asarray(grid), step, dataformats="HWC")
+                tracker.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
             elif tracker.name == "wandb":
                 import wandb
 
-                tracker.log({f"validation/{steps}_steps": wandb.Image(grid)}, step=step)
-    del pipe
+                tracker.log({name: wandb.Image(image)}, step=step)
+
+
+def report_run(config: TrainConfig, log: MetricsLog, final_step: int) -> None:
+    """Plots of the run, and the step that agrees best with the teacher (main process, at the end)."""
+    from .run_log import best_summary, best_validation, write_plots
+
+    plots = write_plots(config.run.output_dir)
+    print(plots if isinstance(plots, str) else "plots: " + ", ".join(str(p) for p in plots))
+    best = best_validation(log.records())
+    if best is not None:
+        where = ("the LoRA saved above" if best["step"] == final_step else
+                 f"lcm-lora export --checkpoint {config.run.output_dir} --from_checkpoint best --output_dir DIR")
+        print(f"{best_summary(best)}; {where}")
+
+
+def validation_due(config: TrainConfig, step: int) -> bool:
+    """Every --validation_steps and at the last step, when there are prompts to draw."""
+    r = config.run
+    return bool(r.validation_steps and r.validation_prompts) and (
+        step % r.validation_steps == 0 or step == config.optim.max_train_steps)
 
 
 def unet_fns(unet, raw_unet, dtype: torch.dtype):
@@ -437,7 +458,9 @@ def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator, repo_i
         accelerator.load_state(str(plan.checkpoint))
         global_step = checkpoint_step(plan.checkpoint)
         accelerator.print(f"resumed from {plan.checkpoint} at step {global_step}")
+    log = MetricsLog(out)
     if accelerator.is_main_process:
+        log.keep_up_to(global_step)  # what a stopped run logged after its checkpoint is trained again
         (out / "config.yaml").write_text(to_yaml(config))
         if accelerator.trackers == [] and config.run.report_to != "none":
             accelerator.init_trackers(config.run.tracker_project_name, config={k: str(v) for k, v in config.to_flat_dict().items()})
@@ -481,9 +504,10 @@ def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator, repo_i
             accelerator.log(logs, step=global_step)
             if config.run.checkpointing_steps and global_step % config.run.checkpointing_steps == 0:
                 saved = checkpoint_now()
-            if (accelerator.is_main_process and config.run.validation_steps and config.run.validation_prompts
-                    and global_step % config.run.validation_steps == 0):
-                log_validation(accelerator, unet, config, teacher, global_step)
+            if accelerator.is_main_process:
+                log.append({"step": global_step, **logs})
+                if validation_due(config, global_step):
+                    log_validation(accelerator, unet, config, teacher, global_step, log)
             if global_step >= o.max_train_steps:
                 break
             stop_signal = signals.requested(accelerator)
@@ -506,6 +530,7 @@ def distill(config: TrainConfig, plan: RunPlan, accelerator: Accelerator, repo_i
                                changes)
             for path in [*paths, write_run_card(info, config, paths, repo_id)]:
                 accelerator.print(f"saved {path}")
+            report_run(config, log, global_step)
     end_processes(accelerator)
     return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.util import find_spec
 from pathlib import Path
 
 import huggingface_hub
@@ -198,8 +199,10 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_the_lora_card_and_images
     assert upload[1]["folder_path"] == str(out) and upload[1]["repo_id"] == "me/tiny-lcm"
     files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
     sent = sorted(filter_repo_objects(files, ignore_patterns=upload[1]["ignore_patterns"]))
-    assert sent == ["README.md", "lcm-lora-teacher-eps.safetensors", DIFFUSERS_WEIGHT_NAME,
-                    "validation/step-2/4-steps.png"]  # no checkpoints, config.yaml, validation LoRA, lock or temp
+    plots = [f"plots/{name}.png" for name in ("latent_mse", "loss", "psnr", "ssim")] if find_spec("matplotlib") else []
+    assert sent == ["README.md", "lcm-lora-teacher-eps.safetensors", *plots, DIFFUSERS_WEIGHT_NAME,
+                    "validation/step-2/4-steps.png", "validation/step-2/sheet-4-steps.png"]
+    # no checkpoints, config.yaml, metrics.jsonl, validation LoRA or teacher samples, lock or temporary files
     assert 'load_lora_weights("me/tiny-lcm", weight_name=' in _card(out)[1]  # the card names the repo
 
     # A finished run resumed with another repo: nothing trained, its card names the new repo, uploaded.
