@@ -12,7 +12,8 @@ from cached encodings (`lcm-lora cache`, `--encodings_dir`): a posterior sample 
 "ideal" is the three UNet calls alone on the same tensors (with SDXL's pooled text and time ids for
 the SDXL family). The ratios step / ideal and cached / ideal
 are what the trainer adds around the UNet. Timings alternate step, ideal, cached, step, ... and the
-medians of the paired ratios are printed.
+medians of the paired ratios are printed. Each is also counted in FLOPs (lcm_lora.perf: every matmul and convolution,
+forward and backward), so the achieved TFLOP/s and, on a GPU in the peak table or with --peak_tflops, the MFU.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lcm_lora.config import TrainConfig
 from lcm_lora.data.loader import make_batch
 from lcm_lora.distill import lcd_loss
 from lcm_lora.models import load_teacher
+from lcm_lora.perf import count_flops, mfu, peak_tflops
 from lcm_lora.schedule import ddim_timesteps
 from lcm_lora.trainer import (WEIGHT_DTYPES, encode_batch, make_accelerator, make_optimizer, prepare_models,
                               unet_fns)
@@ -48,13 +50,23 @@ def main() -> None:
     parser.add_argument("--mixed_precision", default="no")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--torch_compile", action="store_true", help="the trainer's --torch_compile")
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--enable_xformers", action="store_true", help="the trainer's xformers attention")
+    parser.add_argument("--count_only", action="store_true",
+                        help="count the FLOPs of one step, one cached step and the UNet calls, untimed, and stop "
+                             "(a CPU can count a GPU configuration's FLOPs)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's peak for MFU; default: lcm_lora.perf's table (GPUs only)")
     args = parser.parse_args()
 
     config = TrainConfig.from_flat_dict({
         "pretrained_teacher_model": args.teacher, "lora_rank": args.lora_rank, "lora_alpha": args.lora_rank,
         "resolution": args.resolution,
         "mixed_precision": args.mixed_precision, "report_to": "none",
-        "gradient_checkpointing": args.gradient_checkpointing, "output_dir": "/tmp/lcm-lora-bench"})
+        "gradient_checkpointing": args.gradient_checkpointing, "torch_compile": args.torch_compile,
+        "allow_tf32": args.allow_tf32, "enable_xformers_memory_efficient_attention": args.enable_xformers,
+        "output_dir": "/tmp/lcm-lora-bench"})
     accelerator = make_accelerator(config)
     teacher = load_teacher(config.model)
     unet = prepare_models(config, teacher, accelerator)
@@ -110,8 +122,15 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for fn in (step, ideal, cached_step, step, ideal, cached_step):  # warm-up
+    if args.count_only:
+        for name, fn in (("step", step), ("ideal", ideal), ("cached", cached_step)):
+            print(f"{name:6} {count_flops(fn) / 1e12:.3f} TFLOP counted (batch {b}, resolution {r})")
+        return
+    started = time.perf_counter()
+    for fn in (step, ideal, cached_step, step, ideal, cached_step):  # warm-up (and compilation)
         fn()
+    warm_up = time.perf_counter() - started
+    flops = {name: count_flops(fn) for name, fn in (("step", step), ("ideal", ideal), ("cached", cached_step))}
     steps, ideals, cacheds = [], [], []
     for _ in range(args.repeats):
         steps.append(timed(step))
@@ -131,6 +150,14 @@ def main() -> None:
         paired = statistics.median(s / i for s, i in zip(times, ideals))
         print(f"ratio {name}/ideal {paired:.3f} (median of {args.repeats} paired ratios; "
               f"ratio of medians {statistics.median(times) / statistics.median(ideals):.3f})")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or peak_tflops(device_name, args.mixed_precision, args.allow_tf32)
+    for name, times in (("step", steps), ("ideal", ideals), ("cached", cacheds)):
+        achieved, share = mfu(flops[name], statistics.median(times), peak)
+        print(f"{name:6} {flops[name] / 1e12:.3f} TFLOP counted, {achieved:.2f} TFLOP/s achieved"
+              + (f", MFU {100 * share:.1f}% of {peak:g} TFLOP/s ({device_name})" if share is not None else
+                 f" (no peak known for {device_name}: give --peak_tflops for MFU)"))
+    print(f"warm-up (2 of each, with compilation when --torch_compile) {warm_up:.1f} s")
     print(f"peak process memory {peak_rss_gib():.2f} GiB (CPU resident set)")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "

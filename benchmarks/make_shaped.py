@@ -13,6 +13,8 @@ meaningless; cost is real.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
@@ -20,6 +22,8 @@ from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPip
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lcm_lora.world import assets
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tiny_world/ is the repository's, never installed
 from tiny_world.architecture import SDXL_SCHEDULE, make_scheduler, make_sdxl_tokenizer_2
 
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
