@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler
 
 from lcm_lora.export import lcm_scheduler_settings
 from . import JUDGE
@@ -37,7 +37,15 @@ SAMPLERS = {  # extra keyword arguments (`scheduler_kwargs` of `sweep`) override
         config, **{"algorithm_type": "dpmsolver++", "timestep_spacing": "trailing", "final_sigmas_type": "zero", **kw}
     ),
     "lcm": lambda config, **kw: LCMScheduler.from_config(config, **kw),
+    "tcd": lambda config, **kw: TCDScheduler.from_config(config, **kw),
 }
+
+
+def sampler_and_eta(name: str) -> tuple[str, float | None]:
+    """"tcd-g0.3" is TCDScheduler sampled with gamma (the pipeline's eta) 0.3; other names take no eta."""
+    if name.startswith("tcd-g"):
+        return "tcd", float(name[len("tcd-g"):])
+    return name, None
 
 
 @dataclass
@@ -97,13 +105,17 @@ def load_pipeline(path: str | Path, vae: str | Path | None = None, single_file_c
 
 
 @torch.no_grad()
-def generate(pipe, scenes: list[Scene], steps: int, guidance_scale: float, seed: int = 0, batch: int = 96) -> np.ndarray:
-    """uint8 images [N, 64, 64, 3], one per scene, from one seeded generator per batch."""
+def generate(pipe, scenes: list[Scene], steps: int, guidance_scale: float, seed: int = 0, batch: int = 96,
+             eta: float | None = None) -> np.ndarray:
+    """uint8 images [N, 64, 64, 3], one per scene, from one seeded generator per batch; `eta` goes to the scheduler's
+    step (TCD's gamma) when given."""
+    extra = {} if eta is None else {"eta": eta}
     images = []
     for i in range(0, len(scenes), batch):
         prompts = [s.caption for s in scenes[i : i + batch]]
         generator = torch.Generator(pipe.device).manual_seed(seed + i)
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator, output_type="np")
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                   output_type="np", **extra)
         images.append((out.images * 255).round().clip(0, 255).astype(np.uint8))
     return np.concatenate(images)
 
@@ -135,9 +147,10 @@ def sweep(pipe, scorer: Scorer, samplers: list[str], steps: list[int], guidance_
     original = original_scheduler.config
     scores = []
     for sampler in samplers:
-        pipe.scheduler = SAMPLERS[sampler](original, **(scheduler_kwargs or {}))
+        name, eta = sampler_and_eta(sampler)
+        pipe.scheduler = SAMPLERS[name](original, **(scheduler_kwargs or {}))
         for n in steps:
-            images = generate(pipe, scenes, n, guidance_scale, seed)
+            images = generate(pipe, scenes, n, guidance_scale, seed, eta=eta)
             scores.append(scorer.score(images, scenes, sampler, n, guidance_scale))
             print(scores[-1].row(), flush=True)
     pipe.scheduler = original_scheduler
@@ -173,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples_per_prompt", type=int, default=2)
     parser.add_argument("--lora", default=None, help="an LCM-LoRA to load; adds the 'lcm' sampler rows")
     parser.add_argument("--lora_guidance_scale", type=float, default=1.0)
+    parser.add_argument("--lora_samplers", nargs="+", default=["lcm"],
+                        help="samplers of the LoRA rows: lcm, tcd-g<gamma> (TCDScheduler, e.g. tcd-g0.3), ddim-trailing")
     parser.add_argument("--palette", default="base", choices=sorted(PALETTES),
                         help="the world to score against: the reference images, the real row and a style column")
     parser.add_argument("--vae", default=None, help="a VAE folder to use instead of the teacher's")
@@ -199,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             stack_lcm_lora(pipe, args.lora, args.style_weight)
         else:
             pipe.load_lora_weights(args.lora)
-        scores += sweep(pipe, scorer, ["lcm"], args.steps, args.lora_guidance_scale, args.samples_per_prompt,
+        scores += sweep(pipe, scorer, args.lora_samplers, args.steps, args.lora_guidance_scale, args.samples_per_prompt,
                         scheduler_kwargs=lcm_scheduler_settings(args.lora))
     if args.json:
         args.json.write_text(json.dumps([s.to_dict() for s in scores], indent=2))
