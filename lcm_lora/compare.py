@@ -66,7 +66,7 @@ def compare(pretrained_model: str, lora: str | None, prompts: list[str], seed: i
             guidance_scales: list[float], teacher_guidance_scales: list[float] | None, reference_steps: int,
             reference_guidance: float | None, size: tuple[int, int] | None, device: str, dtype: torch.dtype,
             single_file_config: str | None = None, lcm_settings: dict | None = None, fuse_lora: bool = False) -> dict:
-    """Every sampler's samples and numbers, as `write` saves them: {"summary": JSON-ready dict, "images": ...}."""
+    """Every sampler's numbers and pictures, as `write` saves them: {"summary": a JSON-ready dict, "sheets": {k: image}}."""
     reference_guidance = reference_guidance or lora_reference_guidance(lora) or DEFAULT_GUIDANCE
     pipe = place(load_base_pipeline(pretrained_model, single_file_config), device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -104,8 +104,8 @@ def compare(pretrained_model: str, lora: str | None, prompts: list[str], seed: i
                      **agreement.mean_scores(per_prompt), "seconds_per_image": round(seconds, 4),
                      "per_prompt": per_prompt})
     summary = {"pretrained_model": pretrained_model, "lora": str(lora) if lora else None, "fused": fuse_lora,
-               "prompts": prompts,
-               "seeds": seeds, "height": size[0], "width": size[1], "device": device, "dtype": str(dtype),
+               "prompts": prompts, "seeds": seeds, "height": size[0], "width": size[1], "device": device,
+               "dtype": str(dtype),
                "reference": {"scheduler": "DDIM trailing", "steps": reference_steps,
                              "guidance_scale": reference_guidance, "seconds_per_image": round(ref_seconds, 4)},
                "results": rows}

@@ -22,7 +22,7 @@ import yaml
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 EXPORT_FORMATS = ("diffusers", "kohya", "peft", "hub")  # hub: the former name of diffusers, still accepted
 EXPORT_DTYPES = ("fp32", "fp16", "bf16")
-LOSS_TYPES = ("l2", "huber")
+LOSS_TYPES = ("l2", "huber", "huber_sample")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 DATA_SOURCES = ("train_data_dir", "dataset_name", "train_shards_path_or_url", "encodings_dir")
@@ -115,7 +115,9 @@ class DistillArgs:
     timestep_scaling_factor: float = field(default=10.0, metadata=_help(
         "s in the boundary scalings c_skip, c_out (LCMScheduler's timestep_scaling).", low=0, low_open=True))
     sigma_data: float = field(default=0.5, metadata=_help("sigma_data in the boundary scalings.", low=0, low_open=True))
-    loss_type: str = field(default="huber", metadata=_help("l2 or huber (pseudo-Huber)."))
+    loss_type: str = field(default="huber", metadata=_help(
+        "l2, huber (pseudo-Huber per element, as LCM-LoRA) or huber_sample (pseudo-Huber of each example's RMS "
+        "difference, as iCT)."))
     huber_c: float = field(default=0.001, metadata=_help("c of the pseudo-Huber loss.", low=0, low_open=True))
     ema_decay: float = field(default=0.0, metadata=_help(
         "mu of the target network theta- = EMA of the LoRA (LCM paper); 0 targets the student itself, as "

@@ -20,9 +20,19 @@ def pipe():
     return pipe
 
 
+@pytest.fixture(scope="module")
+def sdxl_pipe():
+    pipe = load_base_pipeline("teacher-sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("teacher", ["eps", "sdxl"])
 @pytest.mark.parametrize("scheduler", ["lcm", "ddim"])
-def test_a_sample_is_what_the_pipeline_draws_for_that_seed(pipe, scheduler):
-    """LCMScheduler adds fresh noise between steps: it must come from the same generator as the initial noise."""
+def test_a_sample_is_what_the_pipeline_draws_for_that_seed(request, teacher, scheduler):
+    """LCMScheduler adds fresh noise between steps: it must come from the same generator as the initial noise. The
+    SDXL pipeline decodes as the SD one does (its VAE in fp32 here)."""
+    pipe = request.getfixturevalue("pipe" if teacher == "eps" else "sdxl_pipe")
     sched = (LCMScheduler.from_config(pipe.scheduler.config) if scheduler == "lcm" else agreement.ddim_trailing(pipe))
     latents = agreement.sample(pipe, sched, PROMPTS, [5, 9], (64, 64), 3, 2.0)
     ours = agreement.decode(pipe, latents).permute(0, 2, 3, 1).numpy()

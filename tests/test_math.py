@@ -6,7 +6,7 @@ from diffusers import DDPMScheduler, LCMScheduler
 
 from lcm_lora.config import DistillArgs
 from lcm_lora.distill import lcd_loss
-from lcm_lora.losses import consistency_loss, l2, pseudo_huber, sample_guidance_scale
+from lcm_lora.losses import consistency_loss, l2, pseudo_huber, pseudo_huber_per_sample, sample_guidance_scale
 from lcm_lora.schedule import alpha_sigma, boundary_scalings, ddim_timesteps, sample_timestep_pair
 from lcm_lora.solver import consistency_fn, ddim_step, guide, to_x0_eps
 
@@ -113,6 +113,19 @@ def test_pseudo_huber_limits_and_shape():
     torch.testing.assert_close(pseudo_huber(pred, target, 1e-9), (pred - target).abs().flatten(1).mean(1), rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match="'l1'"):
         consistency_loss(pred, target, "l1", 0.1)
+
+
+def test_per_sample_pseudo_huber_is_icts_distance_scaled_and_has_the_same_limits():
+    pred, target = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
+    c, dims = 0.00054, 4 * 3 * 3
+    ict = ((pred - target).flatten(1).square().sum(1) + (c * dims**0.5) ** 2).sqrt() - c * dims**0.5
+    torch.testing.assert_close(pseudo_huber_per_sample(pred, target, c) * dims**0.5, ict, rtol=1e-6, atol=0)
+    rms = (pred - target).flatten(1).square().mean(1).sqrt()
+    torch.testing.assert_close(pseudo_huber_per_sample(pred, target, 1e-9), rms, rtol=1e-6, atol=1e-8)  # large d: RMS
+    small = pred.double() * 1e-3  # float64: in float32 sqrt(1 + 1e-6) - 1 loses most digits
+    torch.testing.assert_close(pseudo_huber_per_sample(small, 0 * small, 1.0) * 2, l2(small, 0 * small), rtol=1e-5,
+                               atol=0)  # small d: l2 / 2c
+    assert torch.equal(consistency_loss(pred, target, "huber_sample", c), pseudo_huber_per_sample(pred, target, c))
 
 
 def test_guidance_scale_samples_cover_the_range_deterministically():
