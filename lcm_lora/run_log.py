@@ -23,6 +23,11 @@ BEST_METRIC = "psnr"
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "latent_mse": "latent MSE"}
 
 
+def validation_dir(run_dir: str | Path, step: int) -> Path:
+    """Where the validation at `step` keeps its LoRA, images and sheets."""
+    return Path(run_dir) / "validation" / f"step-{step}"
+
+
 class MetricsLog:
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / LOG_NAME
@@ -147,19 +152,19 @@ def _save(fig, path: Path) -> Path:
 def select_checkpoint(run_dir: str | Path, which: str) -> tuple[Path, str]:
     """(what to export, what it is) for `--from_checkpoint` in a run folder: `best` (the best validated step: its
     checkpoint-N, else the LoRA its validation exported), `latest`, or a step N."""
-    from .checkpoint import checkpoints
+    from .checkpoint import checkpoint_step, checkpoints
     from .export import DIFFUSERS_WEIGHT_NAME
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--checkpoint {run_dir}: no such folder; --from_checkpoint picks a checkpoint in a "
                                 "training output folder.")
-    saved = {int(p.name.split("-")[1]): p for p in checkpoints(run_dir)}
+    saved = {checkpoint_step(p): p for p in checkpoints(run_dir)}
     if which == "best":
-        lora_files = {r["step"]: run_dir / "validation" / f"step-{r['step']}" / DIFFUSERS_WEIGHT_NAME
-                      for r in MetricsLog(run_dir).validations()}
+        validations = MetricsLog(run_dir).validations()
+        lora_files = {r["step"]: validation_dir(run_dir, r["step"]) / DIFFUSERS_WEIGHT_NAME for r in validations}
         available = set(saved) | {step for step, path in lora_files.items() if path.is_file()}
-        best = best_validation(MetricsLog(run_dir).records(), available)
+        best = best_validation(validations, available)
         if best is None:
             raise FileNotFoundError(f"--from_checkpoint best: {run_dir / LOG_NAME} has no validation of a step whose "
                                     "LoRA is still there. Train with --validation_steps and --validation_prompts, or "

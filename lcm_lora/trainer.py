@@ -35,7 +35,7 @@ from .distill import lcd_loss
 from .models import TargetEMA, Teacher, adapter_disabled, attach_lora, is_sdxl, load_teacher, teacher_fingerprint
 from .preflight import check_training, plan_summary
 from .run_dir import OutputLock, RunPlan, remove_earlier_run
-from .run_log import MetricsLog
+from .run_log import MetricsLog, validation_dir
 from .schedule import ddim_timesteps
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def log_validation(accelerator, unet, config: TrainConfig, teacher: Teacher, ste
     numbers go to metrics.jsonl and the trackers, its sheets to the trackers that take images."""
     from .validation import tracker_scalars, validate
 
-    out = Path(config.run.output_dir) / "validation" / f"step-{step}"
+    out = validation_dir(config.run.output_dir, step)
     export_lora(accelerator, unet, config, teacher, step, out)
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # the run draws the same numbers with or without validation

@@ -23,7 +23,7 @@ from lcm_lora.agreement import METRICS
 from lcm_lora.config import TrainConfig
 from lcm_lora.export import DIFFUSERS_WEIGHT_NAME
 from lcm_lora.inference import load_lcm_pipeline
-from lcm_lora.run_log import MetricsLog
+from lcm_lora.run_log import MetricsLog, validation_dir
 from lcm_lora.safetensors_io import read_safetensors, save_safetensors_atomic
 from lcm_lora.validation import validate
 
@@ -54,7 +54,7 @@ def judge_accuracy(teacher: str, lora: Path, steps: int, scorer: Scorer) -> floa
 
 def zero_lora(run: Path, step: int, folder: Path) -> Path:
     """The run's LoRA file with every weight zeroed: the adapter adds nothing."""
-    tensors, meta = read_safetensors(run / "validation" / f"step-{step}" / DIFFUSERS_WEIGHT_NAME)
+    tensors, meta = read_safetensors(validation_dir(run, step) / DIFFUSERS_WEIGHT_NAME)
     folder.mkdir(parents=True, exist_ok=True)
     zeros = {k: v if k.endswith(".alpha") else torch.zeros_like(v) for k, v in tensors.items()}
     save_safetensors_atomic(zeros, folder / DIFFUSERS_WEIGHT_NAME, meta)
@@ -73,7 +73,7 @@ def correlate(run: Path, steps: list[int]) -> tuple[list[dict], dict[str, float]
         zero = zero_lora(run, validations[-1]["step"], Path(tmp) / "zero" / "lora")
         zero_record, _ = validate(config, zero, 0, "cpu")
         for label, record, lora in [("zero LoRA", zero_record, zero)] + [
-                (str(r["step"]), r, run / "validation" / f"step-{r['step']}") for r in validations]:
+                (str(r["step"]), r, validation_dir(run, r["step"])) for r in validations]:
             row = {"step": label}
             for k in steps:
                 row.update({f"{m}@{k}": record["validation"]["lora"][str(k)][m] for m in METRICS})
