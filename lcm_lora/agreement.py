@@ -40,17 +40,19 @@ def ddim_trailing(pipe) -> DDIMScheduler:
 
 @torch.no_grad()
 def sample(pipe, scheduler, prompts: list[str], seeds: list[int], size: tuple[int, int], steps: int,
-           guidance_scale: float) -> torch.Tensor:
+           guidance_scale: float, eta: float = 0.0) -> torch.Tensor:
     """The final latents (fp32, CPU) of `pipe` under `scheduler`, prompt i drawn from a CPU generator seeded with
-    seeds[i]: its initial noise first, then any noise the scheduler adds (LCMScheduler between steps), as the
-    pipeline draws them for that generator, so the sample is the one `pipe(..., generator=...)` makes."""
+    seeds[i]: its initial noise first, then any noise the scheduler adds (LCMScheduler between steps, TCDScheduler's
+    at gamma `eta` > 0), as the pipeline draws them for that generator, so the sample is the one
+    `pipe(..., generator=..., eta=...)` makes."""
     height, width = size
     shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
     pipe.scheduler = scheduler
     out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-               latents=noise.to(pipe.device, pipe.unet.dtype), generator=generators, output_type="latent")
+               latents=noise.to(pipe.device, pipe.unet.dtype), generator=generators, output_type="latent",
+               eta=eta)
     return out.images.float().cpu()
 
 

@@ -129,7 +129,11 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=1,
                         help="Images per pipeline call; larger is faster on a GPU, and an image's pixels may then "
                              "differ by float rounding from those of batch 1 (default: %(default)s).")
-    parser.add_argument("--num_inference_steps", type=int, default=4, help="Sampling steps (default: %(default)s).")
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help="Sampling steps (default: the step count a --method pcm LoRA was made for, else 4).")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="TCDScheduler's gamma (DDIM's eta); default: the LoRA's metadata (0.3 for a --method tcd "
+                             "LoRA), else 0.")
     parser.add_argument("--guidance_scale", type=float, default=1.0,
                         help="diffusers' convention: 1.0 = no classifier-free guidance (default: %(default)s).")
     parser.add_argument("--seed", type=int, default=0,
@@ -141,11 +145,17 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace files of these names already in --output_dir; nothing else there is touched.")
     args = parser.parse_args(argv)
+    from .export import lora_sampler
     from .inference import draw, image_paths, image_specs, load_lcm_pipeline, save_images, settings_text
     from .safetensors_io import check_outputs
+    from .world import assets
 
     inputs = input_paths(args)
     try:  # the flags and outputs are checked first: a refusal should not come after minutes of loading and sampling
+        sampler = lora_sampler(assets.resolve(args.lora)) if args.lora else None
+        if args.num_inference_steps is None:
+            args.num_inference_steps = (sampler and sampler.steps) or 4
+        eta = args.eta if args.eta is not None else sampler.eta if sampler else 0.0
         for flag in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
@@ -157,8 +167,9 @@ def generate_main(argv: list[str] | None = None) -> None:
         pipe = load_lcm_pipeline(args.pretrained_model, args.lora, args.device, DTYPES[args.dtype],
                                  args.num_ddim_timesteps, args.timestep_scaling_factor, args.single_file_config)
         images = draw(pipe, specs, args.num_inference_steps, args.guidance_scale, args.height, args.width,
-                      args.batch_size, progress=True)
-        settings = settings_text(pipe, args.pretrained_model, args.lora, args.num_inference_steps, args.guidance_scale)
+                      args.batch_size, progress=True, eta=eta)
+        settings = settings_text(pipe, args.pretrained_model, args.lora, args.num_inference_steps, args.guidance_scale,
+                                 eta)
         grid = save_images(images, specs, args.output_dir, settings, overwrite=args.overwrite)
     except USER_ERRORS as err:
         sys.exit(f"error: {err}")

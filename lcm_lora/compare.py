@@ -77,30 +77,32 @@ def compare(pretrained_model: str, lora: str | None, prompts: list[str], seed: i
 
     warmed = set()
 
-    def draw(scheduler, k: int, g: float):
+    def draw(scheduler, k: int, g: float, eta: float = 0.0):
         if (id(scheduler), g > 1) not in warmed:  # one-time costs (kernels, caches) are not timed
-            agreement.sample(pipe, scheduler, prompts[:1], seeds[:1], size, 1, g)
+            agreement.sample(pipe, scheduler, prompts[:1], seeds[:1], size, 1, g, eta)
             warmed.add((id(scheduler), g > 1))
-        latents, seconds = timed(device, lambda: agreement.sample(pipe, scheduler, prompts, seeds, size, k, g))
+        latents, seconds = timed(device, lambda: agreement.sample(pipe, scheduler, prompts, seeds, size, k, g, eta))
         images, decode_seconds = timed(device, lambda: agreement.decode(pipe, latents))
         return latents, images, (seconds + decode_seconds) / len(prompts)
 
     ref_latents, ref_images, ref_seconds = draw(ddim, reference_steps, reference_guidance)
     drawn = {s: draw(ddim, s.steps, s.guidance_scale) for s in samplers}
+    lora_scheduler = None
     if lora is not None:
-        use_lcm_lora(pipe, lora, **(lcm_settings or {}))
+        eta = use_lcm_lora(pipe, lora, **(lcm_settings or {})).eta
         if fuse_lora:  # the LoRA merged into the weights: no extra work per layer
             pipe.fuse_lora()
         place(pipe, device, dtype)
         lcm = pipe.scheduler
+        lora_scheduler = type(lcm).__name__
         for k in steps:
             for g in guidance_scales:
-                drawn[Sampler("lora", k, g)] = draw(lcm, k, g)
+                drawn[Sampler("lora", k, g)] = draw(lcm, k, g, eta)
     rows = []
     for sampler, (latents, images, seconds) in drawn.items():
         per_prompt = agreement.scores(latents, images, ref_latents, ref_images)
         rows.append({"sampler": sampler.kind, "scheduler": "DDIM trailing" if sampler.kind == "teacher" else
-                     "LCMScheduler", "steps": sampler.steps, "guidance_scale": sampler.guidance_scale,
+                     lora_scheduler, "steps": sampler.steps, "guidance_scale": sampler.guidance_scale,
                      **agreement.mean_scores(per_prompt), "seconds_per_image": round(seconds, 4),
                      "per_prompt": per_prompt})
     summary = {"pretrained_model": pretrained_model, "lora": str(lora) if lora else None, "fused": fuse_lora,

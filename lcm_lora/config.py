@@ -23,6 +23,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 EXPORT_FORMATS = ("diffusers", "kohya", "peft", "hub")  # hub: the former name of diffusers, still accepted
 EXPORT_DTYPES = ("fp32", "fp16", "bf16")
 LOSS_TYPES = ("l2", "huber", "huber_sample")
+METHODS = ("lcm", "tcd", "pcm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 DATA_SOURCES = ("train_data_dir", "dataset_name", "train_shards_path_or_url", "encodings_dir")
@@ -105,6 +106,15 @@ class LoraArgs:
 
 @dataclass
 class DistillArgs:
+    method: str = field(default="lcm", metadata=_help(
+        "What the student's jump ends at: lcm (the data, LCM: sample with LCMScheduler), tcd (a random earlier grid "
+        "point s <= t_n, TCD: TCDScheduler) or pcm (the edge of its phase, PCM: trailing DDIMScheduler in "
+        "--multiphase steps)."))
+    multiphase: int = field(default=1, metadata=_help(
+        "--method pcm: M, the number of phases, which is the number of sampling steps the LoRA is made for (PCM's "
+        "flag); M must divide --num_ddim_timesteps.", low=1))
+    tcd_zero_share: float = field(default=0.0, metadata=_help(
+        "--method tcd: the share of examples whose jump ends at the data (s = 0), as LCM's all do.", low=0, high=1))
     w_min: float = field(default=5.0, metadata=_help(
         "Smallest guidance w, LCM-paper convention: eps = eps_c + w (eps_c - eps_u), "
         "which is diffusers' guidance_scale w + 1.", low=0))
@@ -286,6 +296,7 @@ class TrainConfig:
                             "--center_crop false, or train from the images.")
         if c.distill.w_min > c.distill.w_max:
             problems.append(f"--w_min ({c.distill.w_min}) must not exceed --w_max ({c.distill.w_max}).")
+        problems += method_problems(c.distill)
         if c.distill.loss_type not in LOSS_TYPES:
             problems.append(f"--loss_type must be one of {LOSS_TYPES}, got {c.distill.loss_type!r}.")
         if c.run.mixed_precision not in MIXED_PRECISION:
@@ -303,6 +314,21 @@ class TrainConfig:
         for flag, (section, f) in _field_owners().items():
             problems += _range_problems(flag, getattr(getattr(c, section), flag), f.metadata.get("range"))
         return problems
+
+
+def method_problems(d: DistillArgs) -> list[str]:
+    """--method and the flags that belong to one method only."""
+    if d.method not in METHODS:
+        return [f"--method must be one of {METHODS}, got {d.method!r}."]
+    problems = []
+    if d.multiphase != 1 and d.method != "pcm":
+        problems.append(f"--multiphase {d.multiphase} applies to --method pcm only; drop it or add --method pcm.")
+    if d.method == "pcm" and d.num_ddim_timesteps % d.multiphase:
+        problems.append(f"--multiphase {d.multiphase} must divide --num_ddim_timesteps {d.num_ddim_timesteps}, so that "
+                        "each phase edge is a solver grid point (e.g. --num_ddim_timesteps 40 for 2, 4 or 8 phases).")
+    if d.tcd_zero_share and d.method != "tcd":
+        problems.append(f"--tcd_zero_share {d.tcd_zero_share} applies to --method tcd only; drop it or add --method tcd.")
+    return problems
 
 
 def license_problem(license: str | None) -> str | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from . import formats
+from . import formats, samplers
 from .config import EXPORT_FORMATS
 from .families import model_family
 from .formats import LoraModule
@@ -83,7 +83,8 @@ def metadata(config_flat: dict, teacher: str, prediction_type: str, global_step:
         "lcm_lora.config": json.dumps(c, sort_keys=True) if c else None,
         "lcm_lora.config_changes": json.dumps(list(config_changes)) if config_changes else None,
     }
-    return {k: str(v) for k, v in values.items() if v is not None}
+    sampler = samplers.to_metadata(samplers.for_config(c)) if c else {}
+    return {**{k: str(v) for k, v in values.items() if v is not None}, **sampler}
 
 
 # metadata key -> the LCMScheduler argument it sets, and whether it is a whole number
@@ -106,6 +107,18 @@ def lcm_scheduler_settings(lora: str | Path) -> dict:
     with naming(path):
         return {argument: formats.number(meta[key], key, integer)
                 for key, (argument, integer) in SCHEDULER_METADATA.items() if key in meta}
+
+
+def lora_sampler(lora: str | Path) -> samplers.Sampler:
+    """The scheduler, settings and eta a LoRA's metadata names (samplers.from_metadata); LCMScheduler on the settings
+    of `lcm_scheduler_settings` for a LoRA that names none. A bad value is refused, naming the file."""
+    path = lora_file(lora)
+    meta, lcm_settings = (read_metadata(path) if path.is_file() else {}), lcm_scheduler_settings(lora)
+    with naming(path):
+        try:
+            return samplers.from_metadata(meta, lcm_settings)
+        except (ValueError, TypeError) as err:
+            raise formats.LoraFormatError(f"its sampler metadata is not usable ({err}).") from None
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Few-step generation with an exported LCM-LoRA: diffusers' pipeline with LCMScheduler swapped in."""
+"""Few-step generation with an exported LCM-LoRA: diffusers' pipeline with the LoRA's scheduler swapped in."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, LCMScheduler
+import diffusers
+from diffusers import DiffusionPipeline
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from .config import ModelArgs
-from .export import check_lora_for_diffusers, lcm_scheduler_settings
+from .export import check_lora_for_diffusers, lora_sampler
 from .formats import LoraFormatError, number
 from .model_ref import resolve_model
 from .models import unet_config
+from .samplers import Sampler
 from .safetensors_io import check_outputs, read_metadata
 from .single_file import load_single_file_pipeline
 from .world import assets
@@ -26,7 +28,8 @@ from .world import assets
 def load_lcm_pipeline(pretrained_model: str, lora: str | Path | None, device: str = "cpu",
                       dtype: torch.dtype = torch.float32, original_inference_steps: int | None = None,
                       timestep_scaling: float | None = None, single_file_config: str | None = None):
-    """The base pipeline with LCMScheduler and the LoRA loaded exactly as a user would load it.
+    """The base pipeline with the LoRA's scheduler (`use_lcm_lora`: LCMScheduler unless the LoRA's metadata names
+    another) and the LoRA loaded exactly as a user would load it.
 
     `pretrained_model` is a hub id, a folder, a bundled teacher, or a single-file checkpoint (then
     `single_file_config` names the local folder with its configs). `original_inference_steps` and
@@ -52,24 +55,29 @@ def place(pipe, device: str, dtype: torch.dtype):
 
 
 def use_lcm_lora(pipe, lora: str | Path | None, original_inference_steps: int | None = None,
-                 timestep_scaling: float | None = None) -> None:
-    """LCMScheduler on `pipe` (settings as in `load_lcm_pipeline`), and the LoRA loaded with load_lora_weights after
-    export.check_lora_for_diffusers checked it against the pipeline's UNet."""
+                 timestep_scaling: float | None = None) -> Sampler:
+    """The LoRA's own scheduler on `pipe` (LCMScheduler, or the TCDScheduler / trailing DDIMScheduler its metadata
+    names for --method tcd / pcm; settings as in `load_lcm_pipeline`), and the LoRA loaded with load_lora_weights
+    after export.check_lora_for_diffusers checked it against the pipeline's UNet. Returns the sampler: its `eta`
+    goes to the pipeline call (see `draw`)."""
     lora = assets.resolve(lora) if lora is not None else None
-    settings = lcm_scheduler_settings(lora) if lora is not None else {}
-    for name, value, integer in (("original_inference_steps", original_inference_steps, True),
-                                 ("timestep_scaling", timestep_scaling, False)):
-        if value is not None:
+    sampler = lora_sampler(lora) if lora is not None else Sampler()
+    settings = dict(sampler.settings)
+    overrides = (("original_inference_steps", original_inference_steps, True), ("timestep_scaling", timestep_scaling, False))
+    for name, value, integer in overrides:
+        if value is not None and (name in settings or sampler.method == "lcm"):
             settings[name] = number(value, name, integer)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **settings)
+    pipe.scheduler = getattr(diffusers, sampler.scheduler).from_config(pipe.scheduler.config, **settings)
+    sampler = Sampler(sampler.method, settings, sampler.eta, sampler.steps)
     if lora is None:
-        return
+        return sampler
     lora_path = check_lora_for_diffusers(lora, dict(pipe.unet.config))
     try:
         pipe.load_lora_weights(str(lora_path))
     except Exception as err:  # diffusers raises IndexError, KeyError, ValueError... on what it cannot convert
         raise LoraFormatError(f"{lora_path}: diffusers' load_lora_weights failed ({type(err).__name__}: "
                               f"{' '.join(str(err).split())}).") from None
+    return sampler
 
 
 def load_base_pipeline(pretrained_model: str, single_file_config: str | None = None):
@@ -121,10 +129,11 @@ def image_specs(prompts: list[str], seed: int, num_images_per_prompt: int = 1,
 
 @torch.no_grad()
 def draw(pipe, specs: list[ImageSpec], num_inference_steps: int, guidance_scale: float, height: int | None = None,
-         width: int | None = None, batch_size: int = 1, progress: bool = False) -> list[Image.Image]:
+         width: int | None = None, batch_size: int = 1, progress: bool = False, eta: float = 0.0) -> list[Image.Image]:
     """The images of `specs`, `batch_size` per pipeline call. Each image's noise comes from a CPU generator seeded with
     its own seed, the same on every device and in every batch; its pixels match across batch sizes up to the float
-    rounding of batched kernels (a rare pixel may move by one level in 255)."""
+    rounding of batched kernels (a rare pixel may move by one level in 255). `eta` is TCDScheduler's gamma (and DDIM's
+    eta); LCMScheduler takes none."""
     images = []
     with tqdm(total=len(specs), unit="image", desc="generate", disable=not progress) as bar:
         for start in range(0, len(specs), batch_size):
@@ -132,25 +141,30 @@ def draw(pipe, specs: list[ImageSpec], num_inference_steps: int, guidance_scale:
             negative = [s.negative_prompt for s in batch] if batch[0].negative_prompt is not None else None
             out = pipe([s.prompt for s in batch], negative_prompt=negative, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, generator=[torch.Generator().manual_seed(s.seed) for s in batch],
-                       height=height, width=width, output_type="np")
+                       height=height, width=width, output_type="np", eta=eta)
             images += [Image.fromarray((im * 255).round().clip(0, 255).astype(np.uint8)) for im in out.images]
             bar.update(len(batch))
     return images
 
 
 def generate(pipe, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int,
-             height: int | None = None, width: int | None = None) -> list[Image.Image]:
+             height: int | None = None, width: int | None = None, eta: float = 0.0) -> list[Image.Image]:
     """One image per prompt, all in one pipeline call; prompt i gets seed + i."""
-    return draw(pipe, image_specs(prompts, seed), num_inference_steps, guidance_scale, height, width, len(prompts))
+    return draw(pipe, image_specs(prompts, seed), num_inference_steps, guidance_scale, height, width, len(prompts),
+                eta=eta)
 
 
-def settings_text(pipe, model: str, lora: str | None, steps: int, guidance_scale: float) -> dict[str, str]:
+def settings_text(pipe, model: str, lora: str | None, steps: int, guidance_scale: float,
+                  eta: float = 0.0) -> dict[str, str]:
     """The run's settings for `png_info`: with an image's prompts and seed, what draws it again."""
     scheduler = pipe.scheduler.config
     return {"num_inference_steps": str(steps), "guidance_scale": str(guidance_scale), "model": model,
             "lora": lora or "", "scheduler": type(pipe.scheduler).__name__,
             "original_inference_steps": str(scheduler.get("original_inference_steps", "")),
-            "timestep_scaling": str(scheduler.get("timestep_scaling", ""))}
+            "timestep_scaling": str(scheduler.get("timestep_scaling", "")),
+            # LCMScheduler and TCDScheduler place their steps on the original_inference_steps grid instead
+            **({} if "original_inference_steps" in scheduler else {"timestep_spacing": scheduler.timestep_spacing}),
+            **({"eta": str(eta)} if eta else {})}
 
 
 def image_paths(output_dir: str | Path, specs: list[ImageSpec]) -> list[Path]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from . import samplers
 from .export import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, ExportInfo, lcm_scheduler_settings
 from .families import FAMILY_NAMES, SDXL_FAMILY, model_family
 from .model_ref import is_single_file, looks_like_hub_id
@@ -56,7 +57,11 @@ class CardFacts:
     license: str
     lora: str  # what load_lora_weights takes: the Hub repo id (owner/name), else the folder's name
     files: tuple[str, ...]  # the LoRA files, relative to the card
-    scheduler: dict = field(default_factory=dict)  # LCMScheduler arguments that differ from its defaults
+    scheduler: dict = field(default_factory=dict)  # lcm: LCMScheduler arguments that differ from its defaults; else
+    # every from_config argument of the method's scheduler (samplers.Sampler.settings)
+    method: str = "lcm"  # --method: which stock scheduler samples it (samplers.SCHEDULERS)
+    eta: float = 0.0  # the pipeline's eta (TCD's gamma)
+    inference_steps: int | None = None  # the step count it is made for (pcm: its phases)
     config: dict = field(default_factory=dict)  # the run's flat config, local paths cut; {} for a LoRA from elsewhere
     image: str | None = None  # a validation grid, relative to the card
     image_step: int | None = None
@@ -77,7 +82,7 @@ def _front_matter(f: CardFacts) -> str:
     meta.update({
         "library_name": "diffusers",
         "license": f.license,
-        "tags": ["lora", "lcm", "lcm-lora", "text-to-image",
+        "tags": ["lora", "lcm", "lcm-lora", *([f.method] if f.method != "lcm" else []), "text-to-image",
                  "stable-diffusion-xl" if f.family in SDXL_FAMILY else "stable-diffusion", "diffusers"],
         "inference": False,  # the Hub's widget would sample with the base model's scheduler, not LCMScheduler
     })
@@ -89,16 +94,24 @@ def _intro(f: CardFacts) -> str:
     how = (f"distilled with lcm-lora by latent consistency distillation ([LCM-LoRA](https://arxiv.org/abs/2311.05556))"
            f"{trained}" if f.config else "exported by lcm-lora (its file does not record how it was trained)")
     kind = PREDICTIONS.get(f.prediction_type, f.prediction_type)
-    return (f"# {f.title}\n\nAn LCM-LoRA for `{f.teacher}` ({FAMILY_NAMES[f.family]}, {kind}), {how}. It is made "
-            "for `LCMScheduler` at 2-8 steps (4 is a good start) and guidance_scale 1 to 2: the teacher's "
-            "classifier-free guidance is distilled into it.")
+    made_for = {
+        "lcm": "It is made for `LCMScheduler` at 2-8 steps (4 is a good start)",
+        "tcd": (f"Its jumps end at earlier times on the trajectory (`--method tcd`, [TCD](https://arxiv.org/abs/2402.19159)): "
+                f"it is made for `TCDScheduler` at 2-8 steps with gamma (the pipeline's `eta`) {f.eta:g}"),
+        "pcm": (f"Its jumps end at the edges of {f.inference_steps} phases (`--method pcm`, "
+                "[PCM](https://arxiv.org/abs/2405.18407)): it is made for `DDIMScheduler` with trailing timesteps at "
+                f"{f.inference_steps} steps"),
+    }[f.method]
+    return (f"# {f.title}\n\nAn LCM-LoRA for `{f.teacher}` ({FAMILY_NAMES[f.family]}, {kind}), {how}. {made_for} "
+            "and guidance_scale 1 to 2: the teacher's classifier-free guidance is distilled into it.")
 
 
 def _image(f: CardFacts) -> str:
     prompts = f.config.get("validation_prompts") or []
     said = f"; prompts: {', '.join(f'*{p}*' for p in prompts)}" if prompts else ""
     return (f"![Validation images]({f.image})\n\n"
-            f"Validation at step {f.image_step}: {GRID_STEPS} LCM steps, guidance_scale 1.0, one image per prompt{said}.")
+            f"Validation at step {f.image_step}: {GRID_STEPS} steps of its scheduler, guidance_scale 1.0, one image per "
+            f"prompt{said}.")
 
 
 def _usage(f: CardFacts) -> str:
@@ -106,23 +119,26 @@ def _usage(f: CardFacts) -> str:
     load = "from_single_file" if f.single_file else "from_pretrained"
     base = f.base_model or f.teacher
     scheduler = "".join(f", {k}={v!r}" for k, v in f.scheduler.items())
+    name = samplers.SCHEDULERS[f.method]
+    steps = f.inference_steps or 4
+    eta = f", eta={f.eta:g}" if f.eta else ""
     where = "" if "/" in f.lora else "  # this folder, or its Hub repo id (owner/name) once uploaded"
     prompt = (f.config.get("validation_prompts") or [DEFAULT_PROMPT])[0]
     code = f"""```python
 import torch
-from diffusers import LCMScheduler, {pipeline}
+from diffusers import {name}, {pipeline}
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.float16 if device == "cuda" else torch.float32
 pipe = {pipeline}.{load}({_py(base)}, torch_dtype=dtype)
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{scheduler})
+pipe.scheduler = {name}.from_config(pipe.scheduler.config{scheduler})
 pipe.load_lora_weights({_py(f.lora)}{_weight_args(f.files)}){where}
 pipe.to(device)
-image = pipe({_py(prompt)}, num_inference_steps=4, guidance_scale=1.0).images[0]
+image = pipe({_py(prompt)}, num_inference_steps={steps}, guidance_scale=1.0{eta}).images[0]
 image.save("lcm-lora.png")
 ```"""
     notes = ["`guidance_scale` 1.0 turns classifier-free guidance off; 1-2 is the useful range."]
-    if f.scheduler:
+    if f.scheduler and f.method == "lcm":
         settings = ", ".join(f"`{k}={v!r}`" for k, v in f.scheduler.items())
         notes.append(f"It was distilled on another grid than LCMScheduler's defaults: {settings} puts the few steps on "
                      "the timesteps it learned.")
@@ -153,9 +169,15 @@ def _files(f: CardFacts) -> str:
              "A1111 / Forge (`models/Lora`)")
     rows = [f"| `{name}` | {' | '.join(uses.get(name, kohya))} |" for name in f.files]
     stem = Path(next((n for n in f.files if "/" not in n and n != DIFFUSERS_WEIGHT_NAME), DIFFUSERS_WEIGHT_NAME)).stem
-    ui = ("In ComfyUI, load it with a LoRA loader node and sample with sampler `lcm`, scheduler `sgm_uniform`; in "
-          f"A1111 / Forge, put `<lora:{stem}:1>` in the prompt and pick the sampler `LCM`. Both: 4-8 steps, CFG 1-2.")
-    if f.scheduler:
+    comfy, comfy_scheduler, a1111 = samplers.UI_SAMPLERS[f.method]
+    steps = f"{f.inference_steps} steps" if f.inference_steps else "4-8 steps"
+    ui = (f"In ComfyUI, load it with a LoRA loader node and sample with sampler `{comfy}`, scheduler "
+          f"`{comfy_scheduler}`; in A1111 / Forge, put `<lora:{stem}:1>` in the prompt and pick the sampler `{a1111}`. "
+          f"Both: {steps}, CFG 1-2.")
+    if f.method == "tcd":
+        ui += (" Neither has TCD's sampler in its core (ComfyUI has it as a custom node); Euler a is the nearest, "
+               "and LCM's sampler, which is TCD's at gamma 1, also works.")
+    if f.scheduler and f.method == "lcm":
         ui += (" Their LCM samplers have no setting for the grid above; diffusers samples this LoRA exactly as "
                "trained.")
     return "## Files\n\n| File | Keys | Loads in |\n|---|---|---|\n" + "\n".join(rows) + "\n\n" + ui
@@ -165,7 +187,8 @@ def _training(f: CardFacts) -> str:
     c = f.config
     if not c:
         return "## Training\n\nNot recorded in the file this LoRA was exported from."
-    rows = [("Teacher", f"`{f.teacher}`")]
+    rows = [("Teacher", f"`{f.teacher}`"), ("Method", f"`{c.get('method', 'lcm')}`" + (
+        f", {c.get('multiphase')} phases" if c.get("method") == "pcm" else ""))]
     if f.steps is not None:
         rows.append(("Optimizer steps", str(f.steps)))
     if "lora_rank" in c:
@@ -179,7 +202,9 @@ def _training(f: CardFacts) -> str:
     if "timestep_scaling_factor" in c:
         rows.append(("Timestep scaling s", f"{c['timestep_scaling_factor']:g} (LCMScheduler's timestep_scaling)"))
     if "loss_type" in c:
-        rows.append(("Loss", f"pseudo-Huber, c = {c.get('huber_c')}" if c["loss_type"] == "huber" else "L2"))
+        rows.append(("Loss", {"huber": f"pseudo-Huber per element, c = {c.get('huber_c')}",
+                              "huber_sample": f"pseudo-Huber per example (iCT), c = {c.get('huber_c')}"}.get(
+                                  c["loss_type"], "L2")))
     if "ema_decay" in c:
         rows.append(("Target network", f"EMA of the LoRA, decay {c['ema_decay']:g}" if c["ema_decay"] else
                      "the student itself (no EMA), as LCM-LoRA"))
@@ -248,13 +273,15 @@ def card_facts(info: ExportInfo, out_dir: str | Path, files: list[Path], license
     out_dir = Path(out_dir)
     family = model_family(info.unet_config)
     teacher = str(info.teacher)
+    sampler = samplers.for_config(info.config_flat)
     return CardFacts(
         title=info.output_name, teacher=public_value(teacher),
         base_model=teacher if looks_like_hub_id(teacher) else None, single_file=is_single_file(teacher),
         family=family, prediction_type=info.prediction_type, steps=info.steps,
         license=license or info.config_flat.get("license") or FAMILY_LICENSES[family],
         lora=repo_id or out_dir.resolve().name, files=tuple(Path(p).relative_to(out_dir).as_posix() for p in files),
-        scheduler=lcm_scheduler_changes(files[0]) if files else {}, config=public_config(info.config_flat),
+        scheduler=(lcm_scheduler_changes(files[0]) if files else {}) if sampler.method == "lcm" else sampler.settings,
+        method=sampler.method, eta=sampler.eta, inference_steps=sampler.steps, config=public_config(info.config_flat),
         image=Path(image).relative_to(out_dir).as_posix() if image else None, image_step=image_step)
 
 

@@ -43,6 +43,30 @@ def sample_timestep_pair(tau: torch.Tensor, batch_size: int,
     return t_n_plus_k, (t_n_plus_k - k).clamp_min(0)
 
 
+def phase_edge(t: torch.Tensor, num_train_timesteps: int, num_phases: int) -> torch.Tensor:
+    """s, the lower edge of t's phase (PCM, arXiv 2405.18407): the T timesteps split into M phases
+    [j T/M, (j+1) T/M), and each phase ends at s = j T/M - 1 (0 for the last phase, which ends at the data).
+
+    These edges are trailing DDIM's M-step timesteps (T - 1, T - 1 - T/M, ..., T/M - 1), so a LoRA that jumps from
+    any t to its phase edge is sampled with DDIMScheduler(timestep_spacing="trailing") in M steps.
+    """
+    width = num_train_timesteps // num_phases
+    return (t // width * width - 1).clamp_min(0)
+
+
+def tcd_end_timestep(t_n: torch.Tensor, k: int, zero_share: float = 0.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """s, drawn uniformly per example from {0} and the grid points tau_j <= t_n (TCD, arXiv 2402.19159:
+    the trajectory consistency function maps t to any s <= t_n). With probability `zero_share`, s = 0 (LCM's
+    endpoint), which keeps the one-step jump in the training mix."""
+    b = t_n.shape[0]
+    options = (t_n + 1) // k + 1  # {0} and tau_0 .. tau_{m-1} = t_n: m + 1 end points
+    e = (torch.rand(b, generator=generator) * options.cpu()).long().to(t_n.device)
+    s = (e * k - 1).clamp_min(0)
+    zero = torch.rand(b, generator=generator).to(t_n.device) < zero_share
+    return torch.where(zero, torch.zeros_like(s), s)
+
+
 def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0,
                       ndim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_skip(t), c_out(t)) of the consistency parameterisation (CM arXiv 2303.01469 Eq. 7; LCM Eq. 9).

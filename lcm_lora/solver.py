@@ -36,6 +36,14 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor, sig
     return alpha_prev * x0 + sigma_prev * eps
 
 
+def jump_or_stay(z_t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, at_s: torch.Tensor, alpha_s: torch.Tensor,
+                 sigma_s: torch.Tensor) -> torch.Tensor:
+    """The trajectory consistency function f(z_t, t, s) = alpha_s x0_hat + sigma_s eps_hat, a DDIM jump from t to s
+    (TCD, arXiv 2402.19159, its exponential-integrator form at first order; PCM, arXiv 2405.18407, with the DDIM
+    solver). Where s = t (`at_s`, boolean per example) it is z_t exactly, the boundary condition f(z, t, t) = z."""
+    return torch.where(at_s.reshape(-1, *[1] * (z_t.ndim - 1)), z_t, ddim_step(x0, eps, alpha_s, sigma_s))
+
+
 def consistency_fn(z_t: torch.Tensor, x0: torch.Tensor, c_skip: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:
     """f(z_t, t) = c_skip(t) z_t + c_out(t) x0_hat (LCM Eq. 9)."""
     return c_skip * z_t + c_out * x0

@@ -1,5 +1,5 @@
 """Validation during training: the LoRA as exported, loaded into the teacher's pipeline with load_lora_weights, drawn
-at each --validation_inference_steps under LCMScheduler and scored against the teacher (lcm_lora.agreement).
+at each --validation_inference_steps under its own scheduler (LCMScheduler for --method lcm) and scored against the teacher (lcm_lora.agreement).
 
 Each validation writes validation/step-N/: the LoRA, <k>-steps.png (the LoRA's images) and sheet-<k>-steps.png (a
 row per prompt: teacher reference, teacher at k, LoRA at k). The teacher's samples are drawn once per run, kept in
@@ -43,16 +43,17 @@ def validate(config: TrainConfig, lora_dir: Path, step: int, device: str) -> tup
     ks = config.run.validation_inference_steps
     reference, teacher_k = kept.get(pipe), {k: kept.get(pipe, k) for k in ks}
     teacher_seconds = time.perf_counter() - teacher_started
-    use_lcm_lora(pipe, lora_dir, config.distill.num_ddim_timesteps, config.distill.timestep_scaling_factor)
+    sampler = use_lcm_lora(pipe, lora_dir, config.distill.num_ddim_timesteps, config.distill.timestep_scaling_factor)
     lcm, prompts, seeds = pipe.scheduler, list(spec.prompts), list(spec.seeds)
 
     ref_images = agreement.decode(pipe, reference)
     record = {"reference": {"scheduler": "DDIM trailing", "steps": spec.reference_steps,
                             "guidance_scale": spec.guidance_scale},
-              "lora_guidance_scale": LORA_GUIDANCE, "lora": {}, "teacher": {}}
+              "lora_guidance_scale": LORA_GUIDANCE, "lora_scheduler": sampler.scheduler, "lora_eta": sampler.eta,
+              "lora": {}, "teacher": {}}
     images = {}
     for k in ks:
-        lora = agreement.sample(pipe, lcm, prompts, seeds, (spec.height, spec.width), k, LORA_GUIDANCE)
+        lora = agreement.sample(pipe, lcm, prompts, seeds, (spec.height, spec.width), k, LORA_GUIDANCE, sampler.eta)
         lora_images, teacher_images = agreement.decode(pipe, lora), agreement.decode(pipe, teacher_k[k])
         record["lora"][str(k)] = agreement.mean_scores(agreement.scores(lora, lora_images, reference, ref_images))
         record["teacher"][str(k)] = agreement.mean_scores(

@@ -146,6 +146,6 @@ def test_help_shows_the_defaults(capsys):
         generate_main(["--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("Sampling steps (default: 4)", "(default: 1.0)", "Images per prompt (default: 1)",
+    for default in ("Sampling steps (default: the step count a --method pcm LoRA was made for, else 4)", "(default: 1.0)", "Images per prompt (default: 1)",
                     "p<prompt index>-s<seed>.png"):
         assert default in text, default
