@@ -3,7 +3,7 @@ prompt match the teacher's many-step sample from the same noise and prompt (the 
 arXiv 2310.04378, eq. 5). The teacher defines the target, so this needs no other model.
 
 Three samplers share each prompt's initial noise: the reference (the teacher, guided DDIM over many steps), the
-plain teacher at k steps (the baseline a LoRA must beat), and the LCM-LoRA at k steps under LCMScheduler. DDIM uses
+plain teacher at k steps (the baseline a LoRA must beat), and the LCM-LoRA at k steps under its own scheduler. DDIM uses
 trailing timesteps, whose first step starts at the last training timestep (Lin et al., arXiv 2305.08891, sec. 3.3),
 so k-step DDIM is a fair baseline at 1 and 2 steps too.
 """

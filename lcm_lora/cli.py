@@ -241,7 +241,7 @@ def compare_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lcm-lora compare",
         description="How close few-step samples come to the model's own many-step sample from the same seed: the "
-                    "plain model (DDIM) and, with --lora, the LCM-LoRA (LCMScheduler), at each step count and "
+                    "plain model (DDIM) and, with --lora, the LCM-LoRA (under the scheduler its metadata names, LCMScheduler unless trained with --method tcd or pcm), at each step count and "
                     "guidance; PSNR, SSIM, latent MSE and seconds per image.",
         epilog="Writes sheet-<k>-steps.png (a row per prompt, a column per sampler), compare.json and compare.html "
                "(self-contained) in --output_dir.")
@@ -333,7 +333,7 @@ COMMANDS = {"train": train_main, "cache": cache_main, "generate": generate_main,
 SUMMARIES = {
     "train": "distill an LCM-LoRA from a Stable Diffusion teacher (also: python train_lcm_lora.py)",
     "cache": "encode a data set once (VAE latents, text embeddings) for training without the encoders",
-    "generate": "few-step images with an LCM-LoRA (LCMScheduler), on a hub id, folder or single file",
+    "generate": "few-step images with an LCM-LoRA (its own scheduler), on a hub id, folder or single file",
     "export": "write a LoRA or checkpoint in the diffusers, kohya (ComfyUI / A1111) and PEFT layouts",
     "merge": "bake a LoRA into a single-file checkpoint",
     "compare": "few-step samples (plain and with an LCM-LoRA) against the model's many-step ones: sheets, metrics, speed",

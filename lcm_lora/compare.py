@@ -1,7 +1,7 @@
 """`lcm-lora compare`: any base model, with or without an LCM-LoRA, against its own many-step samples.
 
 For each prompt the teacher's reference (guided DDIM, many steps) is drawn from the prompt's seed; then, from the same
-seed, the plain model under DDIM at each step count and teacher guidance, and the LoRA under LCMScheduler at each step
+seed, the plain model under DDIM at each step count and teacher guidance, and the LoRA under its own scheduler (lcm_lora.samplers) at each step
 count and guidance. Each sample gets the agreement metrics of lcm_lora.agreement and each sampler its seconds per
 image. Written to the output folder: sheet-<k>-steps.png (a row per prompt, a column per sampler), compare.json and
 compare.html (one page, the sheets inlined).
@@ -29,7 +29,7 @@ DEFAULT_GUIDANCE = 7.5  # diffusers' pipelines' default guidance_scale
 
 @dataclass(frozen=True)
 class Sampler:
-    kind: str  # "teacher" (DDIM, trailing) or "lora" (LCMScheduler)
+    kind: str  # "teacher" (DDIM, trailing) or "lora" (its own scheduler)
     steps: int
     guidance_scale: float
 

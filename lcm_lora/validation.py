@@ -1,5 +1,6 @@
 """Validation during training: the LoRA as exported, loaded into the teacher's pipeline with load_lora_weights, drawn
-at each --validation_inference_steps under its own scheduler (LCMScheduler for --method lcm) and scored against the teacher (lcm_lora.agreement).
+at each --validation_inference_steps under its own scheduler (LCMScheduler for --method lcm) and scored against
+the teacher (lcm_lora.agreement).
 
 Each validation writes validation/step-N/: the LoRA, <k>-steps.png (the LoRA's images) and sheet-<k>-steps.png (a
 row per prompt: teacher reference, teacher at k, LoRA at k). The teacher's samples are drawn once per run, kept in
