@@ -101,9 +101,10 @@ def lcm_scheduler_settings(lora: str | Path) -> dict:
     not a positive number is refused, naming the file and key (0 steps divides by zero in LCMScheduler).
     """
     path = lora_file(lora)
-    if not path.is_file():
-        return {}
-    meta = read_metadata(path)
+    return _lcm_settings(read_metadata(path), path) if path.is_file() else {}
+
+
+def _lcm_settings(meta: dict[str, str], path: Path) -> dict:
     with naming(path):
         return {argument: formats.number(meta[key], key, integer)
                 for key, (argument, integer) in SCHEDULER_METADATA.items() if key in meta}
@@ -113,7 +114,8 @@ def lora_sampler(lora: str | Path) -> samplers.Sampler:
     """The scheduler, settings and eta a LoRA's metadata names (samplers.from_metadata); LCMScheduler on the settings
     of `lcm_scheduler_settings` for a LoRA that names none. A bad value is refused, naming the file."""
     path = lora_file(lora)
-    meta, lcm_settings = (read_metadata(path) if path.is_file() else {}), lcm_scheduler_settings(lora)
+    meta = read_metadata(path) if path.is_file() else {}
+    lcm_settings = _lcm_settings(meta, path)
     with naming(path):
         try:
             return samplers.from_metadata(meta, lcm_settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ def use_lcm_lora(pipe, lora: str | Path | None, original_inference_steps: int | 
         if value is not None and (name in settings or sampler.method == "lcm"):
             settings[name] = number(value, name, integer)
     pipe.scheduler = getattr(diffusers, sampler.scheduler).from_config(pipe.scheduler.config, **settings)
-    sampler = Sampler(sampler.method, settings, sampler.eta, sampler.steps)
+    sampler = dataclasses.replace(sampler, settings=settings)
     if lora is None:
         return sampler
     lora_path = check_lora_for_diffusers(lora, dict(pipe.unet.config))
