@@ -241,7 +241,8 @@ def compare_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lcm-lora compare",
         description="How close few-step samples come to the model's own many-step sample from the same seed: the "
-                    "plain model (DDIM) and, with --lora, the LCM-LoRA (under the scheduler its metadata names, LCMScheduler unless trained with --method tcd or pcm), at each step count and "
+                    "plain model (DDIM) and, with --lora, the LCM-LoRA (under the scheduler its metadata names, "
+                    "LCMScheduler unless trained with --method tcd or pcm), at each step count and "
                     "guidance; PSNR, SSIM, latent MSE and seconds per image.",
         epilog="Writes sheet-<k>-steps.png (a row per prompt, a column per sampler), compare.json and compare.html "
                "(self-contained) in --output_dir.")

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import samplers
-from .export import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, ExportInfo, lcm_scheduler_settings
+from .export import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, ExportInfo
 from .families import FAMILY_NAMES, SDXL_FAMILY, model_family
 from .model_ref import is_single_file, looks_like_hub_id
 from .world import assets
@@ -244,12 +244,15 @@ def public_config(config_flat: dict) -> dict:
     return {k: public_value(v) if k in PATH_FLAGS else v for k, v in config_flat.items()}
 
 
-def lcm_scheduler_changes(lora_file: str | Path) -> dict:
-    """The LCMScheduler arguments in the LoRA's metadata that differ from LCMScheduler's own defaults."""
+def scheduler_changes(sampler: samplers.Sampler) -> dict:
+    """The arguments the card's snippet passes to the LoRA's scheduler: for LCMScheduler those of the run's grid that
+    differ from its own defaults, for the others all of them (trailing timesteps, no clipping...)."""
+    if sampler.method != "lcm":
+        return sampler.settings
     from diffusers import LCMScheduler
 
     defaults = inspect.signature(LCMScheduler.__init__).parameters
-    return {k: v for k, v in lcm_scheduler_settings(lora_file).items() if v != defaults[k].default}
+    return {k: v for k, v in sampler.settings.items() if v != defaults[k].default}
 
 
 def validation_grid(run_dir: str | Path, up_to_step: int | None = None) -> tuple[Path, int] | None:
@@ -280,7 +283,7 @@ def card_facts(info: ExportInfo, out_dir: str | Path, files: list[Path], license
         family=family, prediction_type=info.prediction_type, steps=info.steps,
         license=license or info.config_flat.get("license") or FAMILY_LICENSES[family],
         lora=repo_id or out_dir.resolve().name, files=tuple(Path(p).relative_to(out_dir).as_posix() for p in files),
-        scheduler=(lcm_scheduler_changes(files[0]) if files else {}) if sampler.method == "lcm" else sampler.settings,
+        scheduler=scheduler_changes(sampler),
         method=sampler.method, eta=sampler.eta, inference_steps=sampler.steps, config=public_config(info.config_flat),
         image=Path(image).relative_to(out_dir).as_posix() if image else None, image_step=image_step)
 
