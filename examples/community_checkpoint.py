@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--style_lora", default="style-dusk", help="A style LoRA folder (diffusers format).")
     parser.add_argument("--style_weight", type=float, default=0.8)
     parser.add_argument("--num_inference_steps", type=int, default=4)
-    parser.add_argument("--original_inference_steps", type=int, default=20, help=(
-        "The training run's --num_ddim_timesteps: 20 in configs/tiny.yaml, 50 in the SD presets."))
+    parser.add_argument("--original_inference_steps", type=int, default=10, help=(
+        "The training run's --num_ddim_timesteps: 10 in configs/tiny.yaml, 50 in the SD presets."))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -48,8 +48,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="community-dusk", help="The single-file .safetensors to merge into.")
     parser.add_argument("--config", default="teacher-eps", help="The folder of the model it was fine-tuned from.")
     parser.add_argument("--strength", type=float, default=1.0)
-    parser.add_argument("--original_inference_steps", type=int, default=20, help=(
-        "The training run's --num_ddim_timesteps: 20 in configs/tiny.yaml, 50 in the SD presets."))
+    parser.add_argument("--original_inference_steps", type=int, default=10, help=(
+        "The training run's --num_ddim_timesteps: 10 in configs/tiny.yaml, 50 in the SD presets."))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.output_dir)

@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--prompt", action="append", help="A prompt (repeatable); default: four world prompts.")
     parser.add_argument("--num_inference_steps", type=int, default=4)
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="1 to 2; 1 turns guidance off.")
-    parser.add_argument("--original_inference_steps", type=int, default=20, help=(
-        "The training run's --num_ddim_timesteps: 20 in configs/tiny.yaml, 50 in the SD presets."))
+    parser.add_argument("--original_inference_steps", type=int, default=10, help=(
+        "The training run's --num_ddim_timesteps: 10 in configs/tiny.yaml, 50 in the SD presets."))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"

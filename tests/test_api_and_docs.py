@@ -17,7 +17,7 @@ def test_the_documented_api_trains_loads_generates_and_exports(tmp_path):
     config = TrainConfig.from_yaml(ROOT / "configs" / "tiny.yaml", train_data_dir=str(data), max_train_steps=2,
                                    train_batch_size=4, lora_rank=4, output_dir=str(tmp_path / "run"),
                                    report_to="none", checkpointing_steps=0)
-    assert config.data.train_data_dir == str(data) and config.distill.num_ddim_timesteps == 20  # the preset's N
+    assert config.data.train_data_dir == str(data) and config.distill.num_ddim_timesteps == 10  # the preset's N
     out = lcm_lora.train(config)
     pipe = lcm_lora.load_lcm_pipeline("teacher-eps", out)
     [image] = lcm_lora.generate(pipe, ["a red circle at the top left on a plain background"], num_inference_steps=2,

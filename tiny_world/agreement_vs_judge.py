@@ -2,7 +2,8 @@
 LoRA by the run's agreement metrics (metrics.jsonl) and by the judge's prompt accuracy, and report the rank
 correlation; a LoRA of zeros (the teacher itself under LCMScheduler) is scored the same way as the control.
 
-    python train_lcm_lora.py --config configs/tiny.yaml --validation_steps 25 --output_dir output/tiny-eps-watch
+    python train_lcm_lora.py --config configs/tiny.yaml --num_ddim_timesteps 20 --loss_type huber \
+        --validation_steps 25 --output_dir output/tiny-eps-watch   # the run docs/watching.md measured
     python -m tiny_world.agreement_vs_judge --run output/tiny-eps-watch --steps 1 4
 
 The judge draws each LoRA on every held-out prompt (192, one seed each) at guidance 1, as the run's validation does.
