@@ -27,7 +27,8 @@ def test_psnr_ranks_checkpoints_as_the_judge_does_and_beats_a_zero_lora(tmp_path
     data = write_imagefolder(tmp_path / "world", 2000)
     # The recipe whose correlations docs/watching.md reports: tiny.yaml on N=20 with the per-element loss.
     flat = {**load_yaml(ROOT / "configs" / "tiny.yaml"), "num_ddim_timesteps": 20, "loss_type": "huber",
-            "train_data_dir": str(data), "output_dir": str(tmp_path / "run"), "validation_steps": 25, "report_to": "none"}
+            "train_data_dir": str(data), "output_dir": str(tmp_path / "run"), "validation_steps": 25,
+            "report_to": "none"}
     out = train(TrainConfig.from_flat_dict(flat))
     rows, spearman = correlate(out, [1, 4])
     zero, last = rows[0], rows[-1]
